@@ -1,0 +1,58 @@
+# The two commands a new user types: `make run` and `make test`. Both depend on `setup`, which is
+# idempotent: each step leaves a stamp and is skipped when its stamp is newer than its inputs.
+SHELL := /bin/bash
+PY_SYS ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: setup run test test-slow test-all lint format train clean-outputs
+
+setup: $(FMNIST) $(VENV)/.installed
+
+$(FMNIST):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	 ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist)) && test -f $@
+
+$(VENV)/bin/python:
+	$(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch and torchvision first and on their own: this exact pair lies on the machine's disk.
+$(VENV)/.torch: | $(VENV)/bin/python
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(PY) -m caap $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow or ddp" $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+
+train: setup
+	$(PY) -m caap.train $(ARGS)
+
+clean-outputs:
+	rm -rf outputs/*

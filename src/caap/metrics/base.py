@@ -1,0 +1,80 @@
+"""`AttributionMetric`: a torchmetrics Metric over per-(image, class) values, exact under DDP.
+
+Each update appends one value per (image, target class) pair together with its dataset index and class.
+`compute` concatenates the states of all ranks (torchmetrics' "cat" reduction), drops duplicates by
+(index, class) (Lightning's DistributedSampler pads the last batch by repeating samples), and averages the
+finite values, so one process and several give the same number. NaN values (undefined cases such as an
+all-zero map) are skipped in the mean and counted in `<name>/undefined`, with a logged warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from caap.batch import AttributionBatch
+
+log = logging.getLogger(__name__)
+
+
+class AttributionMetric(Metric):
+    """Base class: subclasses implement `score(batch, model) -> [P]` (or a dict of named `[P]` values).
+
+    `higher_is_better` tells reports which way is better; `requires_model` marks metrics that run the model.
+    """
+
+    full_state_update = False
+    higher_is_better: bool = True
+    requires_model: bool = False
+
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = name or type(self).__name__
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("sample_index", default=[], dist_reduce_fx="cat")
+        self.add_state("sample_class", default=[], dist_reduce_fx="cat")
+
+    def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        """Per-pair values `[P]` for this batch."""
+        raise NotImplementedError
+
+    def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
+        values = self.score(batch, model).detach().to(torch.float64).reshape(-1)
+        if values.numel() != len(batch):
+            raise ValueError(f"{self.name}.score returned {values.numel()} values for {len(batch)} maps")
+        self.values.append(values)
+        self.sample_index.append(batch.index.detach().long().reshape(-1).to(values.device))
+        self.sample_class.append(batch.classes.detach().long().reshape(-1).to(values.device))
+        return values
+
+    def per_sample(self) -> tuple[Tensor, Tensor, Tensor]:
+        """De-duplicated `(index [M], class [M], value [M])`, sorted by (index, class)."""
+        if not self.values:
+            empty = torch.zeros(0)
+            return empty.long(), empty.long(), empty.double()
+        values = _cat(self.values)
+        index, cls = _cat(self.sample_index), _cat(self.sample_class)
+        key = index * (int(cls.max()) + 1 if cls.numel() else 1) + cls
+        key_sorted, order = torch.sort(key, stable=True)
+        keep = torch.ones_like(key_sorted, dtype=torch.bool)
+        keep[1:] = key_sorted[1:] != key_sorted[:-1]
+        order = order[keep]
+        return index[order], cls[order], values[order]
+
+    def compute(self) -> Tensor:
+        _, _, values = self.per_sample()
+        finite = torch.isfinite(values)
+        undefined = int((~finite).sum())
+        if undefined:
+            log.warning("%s: %d of %d values undefined (skipped in the mean)", self.name, undefined, values.numel())
+        if not finite.any():
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return values[finite].mean()
+
+
+def _cat(x: list[Tensor] | Tensor) -> Tensor:
+    return torch.cat(x) if isinstance(x, list) else x
