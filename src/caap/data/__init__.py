@@ -1,6 +1,25 @@
 """Datasets (dicts `{image, target, index[, masks]}`, images in pixel space [0, 1]) and the LightningDataModule."""
 
+from caap.data.collate import collate_skip_none
+from caap.data.datamodule import AttributionDataModule, select_indices
 from caap.data.fashiongrid import FashionGrid
-from caap.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from caap.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
+from caap.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_images
+from caap.data.sampler import ContiguousDistributedSampler, contiguous_split
+from caap.data.synthetic import SyntheticGrid
 
-__all__ = ["FASHION_MNIST_CLASSES", "FashionGrid", "load_fashion_mnist"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "AttributionDataModule",
+    "ContiguousDistributedSampler",
+    "FashionGrid",
+    "ImageFolderDataset",
+    "SyntheticGrid",
+    "collate_skip_none",
+    "contiguous_split",
+    "list_images",
+    "load_fashion_mnist",
+    "read_idx",
+    "select_indices",
+]

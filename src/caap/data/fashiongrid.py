@@ -61,10 +61,14 @@ class FashionGrid(Dataset):
         if size < 1:
             raise ValueError(f"FashionGrid size must be positive; got {size}")
         images, labels = load_fashion_mnist("test" if split == "test" else "train", root)
-        if split == "train":
-            images, labels = images[:-val_items], labels[:-val_items]
-        elif split == "val":
-            images, labels = images[-val_items:], labels[-val_items:]
+        if split != "test":
+            if not 0 < val_items < len(images):
+                raise ValueError(f"FashionGrid val_items must lie in (0, {len(images)}); got {val_items}")
+            cut = len(images) - val_items
+            if split == "train":
+                images, labels = images[:cut], labels[:cut]
+            else:
+                images, labels = images[cut:], labels[cut:]
         self.items = images
         self.by_class = [np.flatnonzero(labels == c) for c in range(len(self.classes))]
         self.split, self.size, self.seed, self.grid = split, size, seed, grid
@@ -82,7 +86,8 @@ class FashionGrid(Dataset):
         classes = rng.choice(self.num_classes, size=k, replace=False)
         cells = rng.choice(self.grid * self.grid, size=k, replace=False)
         return [
-            (int(c), int(cell), int(rng.choice(self.by_class[c]))) for c, cell in zip(classes, cells, strict=True)
+            (int(c), int(cell), int(rng.choice(self.by_class[c])))
+            for c, cell in zip(classes, cells, strict=True)
         ]
 
     def __getitem__(self, index: int) -> dict:

@@ -30,8 +30,9 @@ _FILES = {
 }
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) into a uint8 array of the shape its header gives."""
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped, by its `.gz` suffix) into a uint8 array of the shape its header gives."""
+    path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as fh:
         raw = fh.read()
@@ -65,5 +66,7 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> tuple[np.n
     images = read_idx(_find(base, images_stem))
     labels = read_idx(_find(base, labels_stem)).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise ValueError(f"Fashion-MNIST {split} under {base}: images {images.shape} and labels {labels.shape} disagree")
+        raise ValueError(
+            f"Fashion-MNIST {split} under {base}: images {images.shape} and labels {labels.shape} disagree"
+        )
     return images, labels

@@ -1,5 +1,11 @@
 """Attribution metrics: pure tensor functions in `functional/` and torchmetrics wrappers."""
 
 from caap.metrics.base import AttributionMetric
+from caap.metrics.deletion_insertion import (
+    GridPointingGame,
+    PointingGame,
+    TokenDeletionAUC,
+    TokenInsertionAUC,
+)
 
-__all__ = ["AttributionMetric"]
+__all__ = ["AttributionMetric", "GridPointingGame", "PointingGame", "TokenDeletionAUC", "TokenInsertionAUC"]

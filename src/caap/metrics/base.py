@@ -10,6 +10,8 @@ all-zero map) are skipped in the mean and counted in `<name>/undefined`, with a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,7 +45,11 @@ class AttributionMetric(Metric):
         raise NotImplementedError
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
-        values = self.score(batch, model).detach().to(torch.float64).reshape(-1)
+        return self._append(self.score(batch, model), batch)
+
+    def _append(self, values: Tensor, batch: AttributionBatch) -> Tensor:
+        """Store per-pair `values` `[P]` with the batch's (index, class) keys; returns them as float64."""
+        values = values.detach().to(torch.float64).reshape(-1)
         if values.numel() != len(batch):
             raise ValueError(f"{self.name}.score returned {values.numel()} values for {len(batch)} maps")
         self.values.append(values)
@@ -51,26 +57,47 @@ class AttributionMetric(Metric):
         self.sample_class.append(batch.classes.detach().long().reshape(-1).to(values.device))
         return values
 
-    def per_sample(self) -> tuple[Tensor, Tensor, Tensor]:
-        """De-duplicated `(index [M], class [M], value [M])`, sorted by (index, class)."""
-        if not self.values:
-            empty = torch.zeros(0)
-            return empty.long(), empty.long(), empty.double()
-        values = _cat(self.values)
-        index, cls = _cat(self.sample_index), _cat(self.sample_class)
+    def _dedup_order(self) -> tuple[Tensor, Tensor, Tensor]:
+        """`(index [M], class [M], order [M])`: positions in the concatenated states of the first occurrence of
+        each (index, class), sorted by (index, class). Extra per-pair "cat" states of subclasses, appended in
+        step with `values`, are de-duplicated by indexing their concatenation with `order`."""
+        # .long(): a rank that saw no data contributes an empty float tensor to torchmetrics' gather
+        index, cls = _cat(self.sample_index).long(), _cat(self.sample_class).long()
         key = index * (int(cls.max()) + 1 if cls.numel() else 1) + cls
         key_sorted, order = torch.sort(key, stable=True)
         keep = torch.ones_like(key_sorted, dtype=torch.bool)
         keep[1:] = key_sorted[1:] != key_sorted[:-1]
         order = order[keep]
-        return index[order], cls[order], values[order]
+        return index[order], cls[order], order
+
+    @contextmanager
+    def _gathered(self) -> Iterator[None]:
+        """Within the block the states are those of all ranks, as inside `compute` (a collective call under
+        DDP: every rank must enter it); nothing happens when they already are or when not distributed."""
+        if self._is_synced:
+            yield
+            return
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            yield
+
+    def per_sample(self) -> tuple[Tensor, Tensor, Tensor]:
+        """De-duplicated `(index [M], class [M], value [M])`, sorted by (index, class)."""
+        if not _nonempty(self.values):
+            empty = torch.zeros(0)
+            return empty.long(), empty.long(), empty.double()
+        index, cls, order = self._dedup_order()
+        return index, cls, _cat(self.values)[order]
 
     def compute(self) -> Tensor:
         _, _, values = self.per_sample()
         finite = torch.isfinite(values)
         undefined = int((~finite).sum())
         if undefined:
-            log.warning("%s: %d of %d values undefined (skipped in the mean)", self.name, undefined, values.numel())
+            log.warning(
+                "%s: %d of %d values undefined (skipped in the mean)", self.name, undefined, values.numel()
+            )
         if not finite.any():
             return torch.tensor(float("nan"), dtype=torch.float64)
         return values[finite].mean()
@@ -78,3 +105,7 @@ class AttributionMetric(Metric):
 
 def _cat(x: list[Tensor] | Tensor) -> Tensor:
     return torch.cat(x) if isinstance(x, list) else x
+
+
+def _nonempty(x: list[Tensor] | Tensor) -> bool:
+    return (len(x) > 0) if isinstance(x, list) else x.numel() > 0

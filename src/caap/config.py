@@ -1,0 +1,65 @@
+"""Structured-config schemas for the groups with stable keys (model, layers, data) and their registration.
+
+The YAML options of conf/model, conf/layers and conf/data start from these schemas (`defaults: [/schema/...]`),
+so a mistyped value (`layers.start=abc`) or an unknown key (`model.nme=...`) fails when Hydra composes the
+config, with an OmegaConf message naming the key and the expected type, before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of `caap.models.build_model` (a timm ViT wrapped as `ViTClassifier`)."""
+
+    _target_: str = "caap.models.build_model"
+    name: str = MISSING
+    pretrained: bool = False
+    weights: str | None = None
+    num_classes: int | None = None
+    fused_attn: bool = True
+    img_size: int | None = None
+    dynamic_img_size: bool = False
+    multilabel: bool = False
+    class_names: list[str] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayersConfig:
+    """CAAP's layer range over residual positions 0..L, Python slice semantics (negatives from the end).
+
+    `stop: null` runs the range through position L. Checked against the model's depth when the method is set up.
+    """
+
+    name: str = "custom"
+    start: int = 2
+    stop: int | None = None
+
+
+@dataclass
+class DataConfig:
+    """The evaluated dataset (`dataset` is instantiated by Hydra) and how it is batched and split."""
+
+    name: str = MISSING
+    dataset: Any = MISSING
+    root: str | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    limit: int | None = None
+    shard: int = 0
+    num_shards: int = 1
+
+
+def register_schemas() -> None:
+    """Store the schemas under the `schema` group, which the YAML options extend."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="layers", node=LayersConfig)
+    cs.store(group="schema", name="data", node=DataConfig)

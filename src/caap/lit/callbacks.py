@@ -1,0 +1,117 @@
+"""Callbacks of the attribution loop: the map writer, the run's output files and W&B media."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from caap.batch import AttributionBatch
+from caap.lit.media import overlay_panel
+from caap.lit.module import AttributionModule
+from caap.maps_io import write_maps
+
+log = logging.getLogger(__name__)
+
+
+class MapWriter(L.Callback):
+    """Writes each test batch's maps to `folder/r{rank}_b{batch:06d}.safetensors` (see `caap.maps_io`)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not outputs:
+            return
+        attribution: AttributionBatch = outputs["batch"]
+        path = self.folder / f"r{trainer.global_rank}_b{batch_idx:06d}.safetensors"
+        write_maps(path, attribution.index, attribution.classes, attribution.maps)
+
+
+def per_sample_rows(module: AttributionModule, class_names: list[str] | None) -> list[dict[str, Any]]:
+    """One row per (image, class) with every metric's value, from the module's de-duplicated per-sample values."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for name, (index, cls, values) in module.per_sample.items():
+        for i, c, v in zip(index.tolist(), cls.tolist(), values.tolist(), strict=True):
+            row = rows.setdefault((i, c), {"index": i, "class": c})
+            if class_names is not None and 0 <= c < len(class_names):
+                row["class_name"] = class_names[c]
+            row[name] = v
+    return [rows[k] for k in sorted(rows)]
+
+
+class RunOutputs(L.Callback):
+    """At the end of the test, on global rank 0: `metrics.json` (final values plus run facts) and `per_image.csv`."""
+
+    def __init__(self, folder: str | Path, class_names: list[str] | None = None, extra: dict | None = None) -> None:
+        self.folder = Path(folder)
+        self.class_names = class_names
+        self.extra = extra or {}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        assert isinstance(pl_module, AttributionModule)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rows = per_sample_rows(pl_module, self.class_names)
+        payload = {"metrics": pl_module.results, "num_maps": len(rows), **self.extra}
+        (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))
+            with open(self.folder / "per_image.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+
+class WandbMedia(L.Callback):
+    """Logs to W&B (global rank 0): overlays of the first `num_images` maps and the per-image table."""
+
+    def __init__(self, num_images: int = 16, class_names: list[str] | None = None) -> None:
+        self.num_images = num_images
+        self.class_names = class_names
+        self.panels: list[tuple[Any, str]] = []
+
+    def _wandb(self, trainer: L.Trainer) -> WandbLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def _name(self, cls: int) -> str:
+        return self.class_names[cls] if self.class_names and cls < len(self.class_names) else str(cls)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not outputs or trainer.global_rank != 0 or len(self.panels) >= self.num_images:
+            return
+        if self._wandb(trainer) is None:
+            return
+        attribution: AttributionBatch = outputs["batch"]
+        cells = attribution.target_masks("cell")
+        for p in range(min(len(attribution), self.num_images - len(self.panels))):
+            picture = overlay_panel(attribution.images[p], attribution.maps[p], None if cells is None else cells[p])
+            caption = f"index {int(attribution.index[p])}, class {self._name(int(attribution.classes[p]))}"
+            self.panels.append((picture, caption))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = self._wandb(trainer)
+        if logger is None or trainer.global_rank != 0:
+            return
+        import wandb
+
+        assert isinstance(pl_module, AttributionModule)
+        payload: dict[str, Any] = {}
+        if self.panels:
+            payload["maps"] = [wandb.Image(pic, caption=cap) for pic, cap in self.panels]
+        rows = per_sample_rows(pl_module, self.class_names)
+        if rows:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            payload["per_image"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        for name, value in pl_module.results.items():
+            logger.experiment.summary[f"test/{name}"] = value
+        if payload:
+            logger.experiment.log(payload)

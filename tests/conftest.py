@@ -1,0 +1,30 @@
+"""Shared fixtures: composing the Hydra config offline, small models and batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from caap.config import register_schemas
+from caap.paths import CONF_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
+    """Compose conf/config.yaml with overrides, writing outputs under the test's tmp_path."""
+    register_schemas()
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=[f"output_dir={tmp_path / 'run'}", *overrides])
+
+    return _compose

@@ -1,0 +1,94 @@
+"""build_model and the ViT surface: wrapper equals timm, residual stream round-trips, clear errors, shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torchmetrics.classification import MultilabelAveragePrecision
+
+from caap.data import FashionGrid
+from caap.models import FASHIONGRID_MODEL, ViTClassifier, build_model
+from caap.models.fashiongrid import FASHIONGRID_CARD, FASHIONGRID_WEIGHTS
+
+VARIANTS = {
+    "cls": {},
+    "avg_no_cls": {"class_token": False, "global_pool": "avg"},
+    "registers": {"reg_tokens": 4},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_residual_stream_reproduces_timm_forward(variant: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(FASHIONGRID_MODEL, kwargs=VARIANTS[variant])
+    images = torch.rand(3, 3, 56, 56)
+    expected = model.model(model.normalize(images))
+    r0 = model.embed(images)
+    assert r0.shape == (3, model.num_prefix_tokens + 64, 128)
+    split = model.forward_blocks(model.forward_blocks(r0, 0, 2), 2)
+    torch.testing.assert_close(model.head(split), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-5)
+    assert model.grid_size(images) == (8, 8)
+    assert model.num_prefix_tokens == {"cls": 1, "avg_no_cls": 0, "registers": 5}[variant]
+
+
+def test_fused_attention_switch_keeps_outputs() -> None:
+    torch.manual_seed(0)
+    fused = build_model(FASHIONGRID_MODEL, fused_attn=True)
+    plain = build_model(FASHIONGRID_MODEL, fused_attn=False)
+    plain.load_state_dict(fused.state_dict())
+    assert all(not b.attn.fused_attn for b in plain.blocks) and all(b.attn.fused_attn for b in fused.blocks)
+    images = torch.rand(2, 3, 56, 56)
+    torch.testing.assert_close(plain(images), fused(images), rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_image_size_and_unsupported_models_fail_clearly() -> None:
+    model = build_model(FASHIONGRID_MODEL)
+    with pytest.raises(ValueError, match="expects 56x56"):
+        model.grid_size(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="VisionTransformer-family"):
+        ViTClassifier(torch.nn.Linear(2, 2), (0.5,), (0.5,), name="linear")
+    with pytest.raises(ValueError, match="not a timm model name"):
+        build_model("vit_no_such_model")
+    with pytest.raises(FileNotFoundError, match=r"model.weights='/nonexistent.safetensors'"):
+        build_model(FASHIONGRID_MODEL, weights="/nonexistent.safetensors")
+
+
+def test_pretrained_without_local_weights_says_how_to_provide_them(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    with pytest.raises(RuntimeError, match="model.weights="):
+        build_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_local_weights_file_loads(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = build_model(FASHIONGRID_MODEL)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = build_model(FASHIONGRID_MODEL, weights=str(path))
+    images = torch.rand(2, 3, 56, 56)
+    torch.testing.assert_close(loaded(images), source(images))
+
+
+def test_shipped_weights_and_model_card() -> None:
+    """The shipped FashionGrid model is safetensors (no pickle), <= 10 MB, and reaches mAP >= 0.90 on test grids."""
+    assert FASHIONGRID_WEIGHTS.stat().st_size <= 10 * 2**20
+    state = load_file(str(FASHIONGRID_WEIGHTS))
+    assert "pos_embed" in state and state["pos_embed"].shape == (1, 65, 128)
+    card = json.loads(FASHIONGRID_CARD.read_text())
+    assert card["test_mAP"] >= 0.90 and len(card["test_AP_per_class"]) == 10
+    assert {"config", "epochs", "seed"} <= card.keys()
+
+    model = build_model(FASHIONGRID_MODEL, pretrained=True, multilabel=True)
+    data = FashionGrid(split="test", size=300, seed=123)
+    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        probs = model.probabilities(model(batch["image"]))
+    ap = MultilabelAveragePrecision(num_labels=10, average="macro")(probs, batch["target"].long())
+    assert ap >= 0.90

@@ -1,0 +1,126 @@
+"""`evaluate(cfg)` end to end: outputs contract, W&B offline run, targets, and clear failures on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from caap.data import SyntheticGrid
+from caap.maps_io import load_maps
+from caap.run import evaluate
+
+FAST = ["data=synthetic", "data.limit=6", "data.batch_size=3", "model.pretrained=false", "media_images=2"]
+
+
+def read_wandb_records(run_dir: Path) -> list:
+    """Every record of an offline W&B run file, decoded with wandb's own protobuf definitions."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    (path,) = run_dir.glob("run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    records = []
+    while (data := store.scan_data()) is not None:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        records.append(record)
+    return records
+
+
+def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
+    cfg = compose_cfg(*FAST, "logger=wandb")
+    results = evaluate(cfg)
+    out = Path(cfg.output_dir)
+    assert set(results) == {"deletion", "insertion", "grid_pointing"}
+    assert all(0.0 <= v <= 1.0 for v in results.values())
+
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["metrics"] == results
+    data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
+    expected_keys = {(i, int(c)) for i in range(6) for c in data[i]["target"].nonzero().flatten()}
+    assert written["num_maps"] == len(expected_keys)
+
+    maps = load_maps(out / "maps")
+    assert set(maps) == expected_keys and all(m.shape == (8, 8) for m in maps.values())
+    with open(out / "per_image.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(int(r["index"]), int(r["class"])) for r in rows} == expected_keys
+    assert (out / "config.yaml").exists() and (out / "csv" / "metrics.csv").exists()
+    assert "test/deletion" in (out / "csv" / "metrics.csv").read_text()
+
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = read_wandb_records(run_dir)
+    history = {item.key: item.value_json for r in records if r.HasField("history") for item in r.history.item}
+    summary = {item.key: item.value_json for r in records if r.HasField("summary") for item in r.summary.update}
+    logged = {**history, **summary}
+    for name, value in results.items():
+        assert float(logged[f"test/{name}"]) == pytest.approx(value, rel=1e-6)
+    assert any(k == "maps" or k.startswith("maps") for k in logged), sorted(logged)
+    assert "per_image" in logged
+
+
+def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:
+    cfg = compose_cfg(*FAST, "logger=csv", "target=pred", "method=random")
+    evaluate(cfg)
+    maps = load_maps(Path(cfg.output_dir) / "maps")
+    assert sorted(i for i, _ in maps) == list(range(6))
+
+
+def test_evaluate_fashiongrid_shipped_model(compose_cfg) -> None:
+    cfg = compose_cfg("logger=csv", "data.limit=8", "data.batch_size=4", "media_images=0")
+    results = evaluate(cfg)
+    assert set(results) == {"deletion", "insertion", "grid_pointing"}
+    # the trained model's gradient maps point at the right cell far more often than chance (0.25 on average)
+    assert results["grid_pointing"] > 0.35
+    assert results["insertion"] > results["deletion"]
+
+
+def test_missing_fashion_mnist_names_the_package(compose_cfg, tmp_path) -> None:
+    cfg = compose_cfg("logger=csv", f"data.root={tmp_path / 'nowhere'}", "model.pretrained=false")
+    with pytest.raises(Exception, match="dataset-fashion-mnist"):
+        evaluate(cfg)
+
+
+def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(60, 60, 3) * 255).byte().numpy()).save(folder / f"ok{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    cfg = compose_cfg(
+        "data=image_folder", f"data.root={folder}", "data.batch_size=2", "target=pred", "metric=faithfulness",
+        "logger=csv", "model.pretrained=false", "method=random",
+    )
+    results = evaluate(cfg)
+    assert set(results) == {"deletion", "insertion"}
+    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["num_maps"] == 3
+    assert "broken.png" in caplog.text
+
+
+def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((torch.rand(56, 56, 3) * 255).byte().numpy()).save(folder / "a.png")
+    cfg = compose_cfg("data=image_folder", f"data.root={folder}", "target=pred", "logger=csv",
+                      "model.pretrained=false")
+    with pytest.raises(ValueError, match="metric=faithfulness"):
+        evaluate(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_sim_equals_one_process(compose_cfg, tmp_path) -> None:
+    common = ["data=synthetic", "data.limit=9", "data.batch_size=2", "model.pretrained=false", "logger=csv",
+              "media_images=0"]
+    single = evaluate(compose_cfg(*common, f"output_dir={tmp_path / 'one'}"))
+    double = evaluate(compose_cfg(*common, "trainer=ddp_sim", f"output_dir={tmp_path / 'two'}"))
+    assert set(single) == set(double)
+    for name in single:
+        assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name
+    assert set(load_maps(tmp_path / "one" / "maps")) == set(load_maps(tmp_path / "two" / "maps"))
