@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,8 +38,13 @@ FG = "vit_fashiongrid_patch7_56"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _seed() -> None:
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is fastest, and far faster than two when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _model(kwargs: dict | None = None, name: str = FG, multilabel: bool = True) -> ViTClassifier:
@@ -63,7 +69,9 @@ def test_grid_pointing_game_known_answers() -> None:
     masks[0, :2, :2] = True  # the top-left cell = patch (0, 0): 2 of the positive mass 4
     masks[1, 0, 0] = True  # one pixel of the 4 of patch (0, 0): 1 * 1 / (1 * 4)
     masks[2, :2, :2] = True  # all positive mass outside the cell
-    torch.testing.assert_close(grid_pointing_game(maps, masks), torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        grid_pointing_game(maps, masks), torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64)
+    )
 
 
 def test_grid_pointing_game_undefined_and_uneven_grid() -> None:
@@ -94,8 +102,12 @@ def test_pointing_game_known_answers() -> None:
 # -- AUC, orders ------------------------------------------------------------------------------------------
 def test_trapezoid_auc_known_answers() -> None:
     curves = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
-    torch.testing.assert_close(curve_auc(curves[:1], [0.0, 0.5, 1.0]), torch.tensor([0.5], dtype=torch.float64))
-    torch.testing.assert_close(curve_auc(curves[1:], [0.0, 0.25, 1.0]), torch.tensor([0.875], dtype=torch.float64))
+    torch.testing.assert_close(
+        curve_auc(curves[:1], [0.0, 0.5, 1.0]), torch.tensor([0.5], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        curve_auc(curves[1:], [0.0, 0.25, 1.0]), torch.tensor([0.875], dtype=torch.float64)
+    )
     flat = torch.full((1, 11), 0.3, dtype=torch.float64)
     torch.testing.assert_close(curve_auc(flat), torch.tensor([0.3], dtype=torch.float64))
     with pytest.raises(ValueError, match="increasing"):
@@ -110,14 +122,31 @@ def test_keep_masks_order_and_ties() -> None:
     ins = keep_masks(maps, f, "insertion")
     assert dele.shape == (2, 4, 4)
     # ranking of map 0: patch 1 (0.9), 2 (0.5), 3 (0.3), 0 (0.1); constant map 1: reading order 0, 1, 2, 3
-    assert dele[0].tolist() == [[True] * 4, [True, False, True, True], [True, False, False, True], [False] * 4]
-    assert ins[0].tolist() == [[False] * 4, [False, True, False, False], [False, True, True, False], [True] * 4]
-    assert dele[1].tolist() == [[True] * 4, [False, True, True, True], [False, False, True, True], [False] * 4]
+    assert dele[0].tolist() == [
+        [True] * 4,
+        [True, False, True, True],
+        [True, False, False, True],
+        [False] * 4,
+    ]
+    assert ins[0].tolist() == [
+        [False] * 4,
+        [False, True, False, False],
+        [False, True, True, False],
+        [True] * 4,
+    ]
+    assert dele[1].tolist() == [
+        [True] * 4,
+        [False, True, True, True],
+        [False, False, True, True],
+        [False] * 4,
+    ]
     assert torch.equal(ins[1], ~dele[1])
 
 
 # -- token removal ---------------------------------------------------------------------------------------
-def _physical_reference(model: ViTClassifier, images: Tensor, keep: Tensor, classes: Tensor, score: str) -> Tensor:
+def _physical_reference(
+    model: ViTClassifier, images: Tensor, keep: Tensor, classes: Tensor, score: str
+) -> Tensor:
     """One (image, fraction) at a time: gather the kept tokens, run the blocks without a mask, then the head."""
     p, k, _ = keep.shape
     npre = model.num_prefix_tokens
@@ -162,7 +191,11 @@ def test_registers_avg_pool_model() -> None:
     """A timm test ViT with a register token and avg pooling (DINOv2-like layout), 4x4 patch grid."""
     model = _model(name="test_vit2", multilabel=False)
     g = torch.Generator().manual_seed(5)
-    images, maps, classes = torch.rand(2, 3, 64, 64, generator=g), torch.randn(2, 4, 4, generator=g), torch.tensor([1, 3])
+    images, maps, classes = (
+        torch.rand(2, 3, 64, 64, generator=g),
+        torch.randn(2, 4, 4, generator=g),
+        torch.tensor([1, 3]),
+    )
     for mode in ("deletion", "insertion"):
         curves = token_perturbation_curves(model, images, maps, classes, None, mode, "prob")
         ref = _physical_reference(model, images, keep_masks(maps, None, mode), classes, "prob")
@@ -171,7 +204,11 @@ def test_registers_avg_pool_model() -> None:
 
 def test_curve_endpoints(cls_model: ViTClassifier) -> None:
     g = torch.Generator().manual_seed(6)
-    images, maps, classes = torch.rand(3, 3, 56, 56, generator=g), torch.randn(3, 8, 8, generator=g), torch.tensor([0, 4, 9])
+    images, maps, classes = (
+        torch.rand(3, 3, 56, 56, generator=g),
+        torch.randn(3, 8, 8, generator=g),
+        torch.tensor([0, 4, 9]),
+    )
     with torch.no_grad():
         logits = cls_model(images)
     prob = cls_model.probabilities(logits)[range(3), classes]
@@ -216,8 +253,12 @@ def test_known_answer_additive_model() -> None:
     classes = torch.tensor([c])
     dele = deletion_curves(model, images, maps, classes, f, score="logit")
     ins = insertion_curves(model, images, maps, classes, f, score="logit")
-    torch.testing.assert_close(dele[0].double(), torch.tensor(want_del, dtype=torch.float64), atol=1e-4, rtol=0)
-    torch.testing.assert_close(ins[0].double(), torch.tensor(want_ins, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        dele[0].double(), torch.tensor(want_del, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        ins[0].double(), torch.tensor(want_ins, dtype=torch.float64), atol=1e-4, rtol=0
+    )
     # the true ranking beats its reverse on both metrics
     rev = deletion_curves(model, images, -maps, classes, f, score="logit")
     assert curve_auc(dele, f) < curve_auc(rev, f)
@@ -227,7 +268,7 @@ def test_known_answer_additive_model() -> None:
 
 def test_known_answer_one_patch_model() -> None:
     """The logit depends on one patch only: deleting it first drops the score to the no-patch value at once."""
-    model, w = _additive_model()
+    model, _ = _additive_model()
     images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         r0 = model.embed(images)[0]
@@ -256,7 +297,9 @@ def test_nan_map_gives_nan_curve(cls_model: ViTClassifier) -> None:
 
 
 # -- metric wrappers, de-dup, NaN handling ---------------------------------------------------------------
-def _batch(index: list[int], maps: Tensor, classes: list[int], images: Tensor | None = None, masks: bool = True):
+def _batch(
+    index: list[int], maps: Tensor, classes: list[int], images: Tensor | None = None, masks: bool = True
+):
     p = len(index)
     cell = None
     if masks:
@@ -281,13 +324,15 @@ def _quadrant_map(inside: float, outside: float) -> Tensor:
 def test_grid_pointing_game_metric_and_nan(caplog: pytest.LogCaptureFixture) -> None:
     metric = GridPointingGame()
     assert metric.higher_is_better and not metric.requires_model
-    maps = torch.stack([_quadrant_map(1.0, 0.0), _quadrant_map(1.0, 1.0), torch.zeros(8, 8), -torch.ones(8, 8)])
+    maps = torch.stack(
+        [_quadrant_map(1.0, 0.0), _quadrant_map(1.0, 1.0), torch.zeros(8, 8), -torch.ones(8, 8)]
+    )
     with caplog.at_level(logging.WARNING):
         metric.update(_batch([0, 1, 2, 3], maps, [1, 1, 1, 1]))
         value = metric.compute()
     torch.testing.assert_close(value, torch.tensor((1.0 + 0.25) / 2, dtype=torch.float64))
     assert "2 of 4 values undefined" in caplog.text
-    idx, cls, vals = metric.per_sample()
+    idx, _, vals = metric.per_sample()
     assert idx.tolist() == [0, 1, 2, 3] and vals[2:].isnan().all()
 
 
@@ -328,6 +373,8 @@ def test_ddp_dedup_equals_single_process() -> None:
     classes = [1, 0, 1, 2, 2, 0]
     single = _Fixed()
     single.update(_batch(index, maps, classes, masks=False))
+    merged = _Fixed()
+    merged.update(_batch([0], maps[:1], [1], masks=False))  # marks it updated; states replaced below
     want = single.compute()
     torch.testing.assert_close(want, maps.flatten(1).sum(1).double().mean())
 
@@ -341,7 +388,7 @@ def test_ddp_dedup_equals_single_process() -> None:
         return r0, r1
 
     r0, r1 = ranks()
-    merged = _Fixed()  # manual merge, as after torchmetrics' "cat" reduction: concatenated tensors
+    # manual merge, as after torchmetrics' "cat" reduction: concatenated tensors
     for attr in ("values", "sample_index", "sample_class"):
         setattr(merged, attr, torch.cat([dim_zero_cat(getattr(r, attr)) for r in (r0, r1)]))
     torch.testing.assert_close(merged.compute(), want)
@@ -374,7 +421,7 @@ def test_token_metrics_curves_and_dedup(cls_model: ViTClassifier) -> None:
     _fake_ddp(r0, r1)
     torch.testing.assert_close(r0.compute(), single.compute())
     frac, mean = r0.curve()
-    frac1, mean1 = single.curve()
+    _, mean1 = single.curve()
     torch.testing.assert_close(mean, mean1)
     assert frac.tolist() == f and mean.shape == (3,)
     _, _, curves = single.per_sample_curves()

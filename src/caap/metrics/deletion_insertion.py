@@ -66,6 +66,7 @@ class _TokenPerturbationAUC(AttributionMetric):
         return curve_auc(self.curves_of(batch, model).double(), self.fractions)
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
+        """Store the per-pair AUC `[P]` (returned) and curves `[P, K]` of this batch; the curves run once."""
         curves = self.curves_of(batch, model).detach().double()
         values = self._append(curve_auc(curves, self.fractions), batch)
         self.curves.append(curves.to(values.device))
@@ -138,6 +139,7 @@ class GridPointingGame(AttributionMetric):
 
     higher_is_better = True
     requires_model = False
+    requires_masks = True
 
     def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair GridPG `[P]` from maps `[P, gh, gw]` and the target cell masks `[P, H, W]`."""
@@ -153,6 +155,7 @@ class PointingGame(AttributionMetric):
 
     higher_is_better = True
     requires_model = False
+    requires_masks = True
 
     def __init__(self, mask: str = "item", name: str | None = None, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)

@@ -55,9 +55,11 @@ _PATCH_POOLS = ("avg", "max", "avgmax")
 
 def check_fractions(fractions: Sequence[float] | Tensor | None) -> Tensor:
     """Validate `fractions` (strictly increasing, within [0, 1]); None gives `DEFAULT_FRACTIONS`. Returns `[K]` float64."""
-    f = torch.as_tensor(DEFAULT_FRACTIONS if fractions is None else fractions, dtype=torch.float64).reshape(
-        -1
-    )
+    if fractions is None:
+        fractions = DEFAULT_FRACTIONS
+    if not isinstance(fractions, Tensor):
+        fractions = [float(x) for x in fractions]  # also an OmegaConf ListConfig from Hydra
+    f = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
     if f.numel() == 0:
         raise ValueError("fractions is empty; give at least one fraction in [0, 1]")
     if not bool(((f >= 0) & (f <= 1)).all()):
