@@ -42,7 +42,9 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
         "class_names": model.class_names,
         "num_classes": model.num_classes,
     }
-    fill = {k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None}
+    fill = {
+        k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
+    }
     if "image_size" in fill and tuple(model.model.patch_embed.img_size) != (fill["image_size"],) * 2:
         fill["image_size"] = int(model.model.patch_embed.img_size[0])
     dataset = instantiate(cfg.dataset, **fill)
@@ -88,11 +90,15 @@ def build_loggers(cfg: DictConfig, output_dir: Path, config: dict) -> list[Logge
             if node.get("name") is None:
                 extra["name"] = run_name()
             (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(node, _partial_=True)(**extra))  # `config` clashes with instantiate's own arg
+        loggers.append(
+            instantiate(node, _partial_=True)(**extra)
+        )  # `config` clashes with instantiate's own arg
     return loggers
 
 
-def print_summary(results: dict[str, float], metrics: dict[str, AttributionMetric], facts: dict[str, Any]) -> None:
+def print_summary(
+    results: dict[str, float], metrics: dict[str, AttributionMetric], facts: dict[str, Any]
+) -> None:
     """The metric table and where the run's outputs are."""
     console = Console()
     table = Table(title=f"{facts['method']} on {facts['data']} ({facts['num_maps']} maps)")
@@ -105,7 +111,9 @@ def print_summary(results: dict[str, float], metrics: dict[str, AttributionMetri
     console.print(table)
     console.print(f"outputs: {facts['output_dir']}")
     if facts.get("wandb_dir"):
-        console.print(f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})")
+        console.print(
+            f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})"
+        )
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -137,8 +145,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         RunOutputs(output_dir, class_names, facts),
         WandbMedia(cfg.media_images, class_names),
     ]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(output_dir))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
+    )
     trainer.test(module, datamodule=datamodule, verbose=False)
 
     written = json.loads((output_dir / "metrics.json").read_text())

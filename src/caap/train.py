@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 class MultiLabelTrainer(L.LightningModule):
     """BCE training of a `ViTClassifier` on multi-hot targets, AdamW with linear warm-up and cosine decay."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    def __init__(
+        self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int
+    ):
         super().__init__()
         self.model = model
         self.lr, self.weight_decay = lr, weight_decay
@@ -42,7 +44,9 @@ class MultiLabelTrainer(L.LightningModule):
         self.test_ap = MultilabelAveragePrecision(num_labels=model.num_classes, average=None)
 
     def training_step(self, batch: dict, _: int) -> Tensor:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(batch["image"]), batch["target"])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            self.model(batch["image"]), batch["target"]
+        )
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -88,7 +92,9 @@ def train(cfg: DictConfig) -> dict:
         for split in ("train", "val", "test")
     }
     total_steps = cfg.epochs * len(loaders["train"])
-    module = MultiLabelTrainer(model, cfg.lr, cfg.weight_decay, int(cfg.warmup_frac * total_steps), total_steps)
+    module = MultiLabelTrainer(
+        model, cfg.lr, cfg.weight_decay, int(cfg.warmup_frac * total_steps), total_steps
+    )
     out = Path(cfg.output_dir)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,

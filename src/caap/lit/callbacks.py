@@ -25,8 +25,15 @@ class MapWriter(L.Callback):
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not outputs:
             return
         attribution: AttributionBatch = outputs["batch"]
@@ -49,7 +56,9 @@ def per_sample_rows(module: AttributionModule, class_names: list[str] | None) ->
 class RunOutputs(L.Callback):
     """At the end of the test, on global rank 0: `metrics.json` (final values plus run facts) and `per_image.csv`."""
 
-    def __init__(self, folder: str | Path, class_names: list[str] | None = None, extra: dict | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, class_names: list[str] | None = None, extra: dict | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.class_names = class_names
         self.extra = extra or {}
@@ -84,8 +93,15 @@ class WandbMedia(L.Callback):
     def _name(self, cls: int) -> str:
         return self.class_names[cls] if self.class_names and cls < len(self.class_names) else str(cls)
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not outputs or trainer.global_rank != 0 or len(self.panels) >= self.num_images:
             return
         if self._wandb(trainer) is None:
@@ -93,7 +109,9 @@ class WandbMedia(L.Callback):
         attribution: AttributionBatch = outputs["batch"]
         cells = attribution.target_masks("cell")
         for p in range(min(len(attribution), self.num_images - len(self.panels))):
-            picture = overlay_panel(attribution.images[p], attribution.maps[p], None if cells is None else cells[p])
+            picture = overlay_panel(
+                attribution.images[p], attribution.maps[p], None if cells is None else cells[p]
+            )
             caption = f"index {int(attribution.index[p])}, class {self._name(int(attribution.classes[p]))}"
             self.panels.append((picture, caption))
 
@@ -110,7 +128,9 @@ class WandbMedia(L.Callback):
         rows = per_sample_rows(pl_module, self.class_names)
         if rows:
             columns = list(dict.fromkeys(k for row in rows for k in row))
-            payload["per_image"] = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+            payload["per_image"] = wandb.Table(
+                columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+            )
         for name, value in pl_module.results.items():
             logger.experiment.summary[f"test/{name}"] = value
         if payload:

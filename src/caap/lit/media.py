@@ -16,7 +16,9 @@ def _outline(mask: Tensor) -> Tensor:
     return (m - eroded)[0, 0] > 0
 
 
-def overlay_panel(image: Tensor, attribution: Tensor, cell_mask: Tensor | None = None, scale: int = 4) -> np.ndarray:
+def overlay_panel(
+    image: Tensor, attribution: Tensor, cell_mask: Tensor | None = None, scale: int = 4
+) -> np.ndarray:
     """An RGB uint8 picture `[H*scale, 3*W*scale, 3]`: the image, the map (signed, 'bwr' colormap, symmetric
     around 0), and the map blended over the image; the target's cell outlined in green when given.
 

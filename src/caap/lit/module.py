@@ -56,7 +56,9 @@ class AttributionModule(L.LightningModule):
             return torch.arange(images.shape[0], device=images.device), classes
         labels = batch.get("target")
         if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
-            raise ValueError("target=label needs labelled data, but this dataset has no labels; use target=pred")
+            raise ValueError(
+                "target=label needs labelled data, but this dataset has no labels; use target=pred"
+            )
         rows, classes = (labels > 0).nonzero(as_tuple=True)
         return rows, classes
 

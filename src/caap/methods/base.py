@@ -39,5 +39,7 @@ class AttributionMethod(ABC):
             maps = self.attribute(model, images, target.long())
         gh, gw = model.grid_size(images)
         if maps.shape != (images.shape[0], gh, gw):
-            raise RuntimeError(f"{self.name} returned maps {tuple(maps.shape)}, expected {(images.shape[0], gh, gw)}")
+            raise RuntimeError(
+                f"{self.name} returned maps {tuple(maps.shape)}, expected {(images.shape[0], gh, gw)}"
+            )
         return maps.detach()

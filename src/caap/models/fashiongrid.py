@@ -20,7 +20,9 @@ FASHIONGRID_WEIGHTS = ASSETS / f"{FASHIONGRID_MODEL}.safetensors"
 FASHIONGRID_CARD = ASSETS / f"{FASHIONGRID_MODEL}.json"
 FASHIONGRID_MEAN = (0.2, 0.2, 0.2)
 FASHIONGRID_STD = (0.3, 0.3, 0.3)
-FASHIONGRID_ARCH = dict(img_size=56, patch_size=7, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0, num_classes=10)
+FASHIONGRID_ARCH = dict(
+    img_size=56, patch_size=7, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4.0, num_classes=10
+)
 
 default_cfgs = generate_default_cfgs(
     {

@@ -9,7 +9,9 @@ of block j (output of block j-1), `r_L` = output of the last block. A layer rang
 from __future__ import annotations
 
 
-def resolve_layer_range(start: int, stop: int | None, depth: int, model_name: str = "model") -> tuple[int, int]:
+def resolve_layer_range(
+    start: int, stop: int | None, depth: int, model_name: str = "model"
+) -> tuple[int, int]:
     """Resolve `(start, stop)` to non-negative positions with `0 <= start < stop <= depth + 1`.
 
     Args:

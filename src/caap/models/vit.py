@@ -45,10 +45,16 @@ class ViTClassifier(nn.Module):
                 f"models (ViT, DeiT, DeiT3, DINOv2, CLIP, with or without CLS / registers / avg pooling)"
             )
         if getattr(model, "attn_pool", None) is not None:
-            raise TypeError(f"model '{name}' uses attention-pool heads ('map'); supported pools: token, avg, avgmax, max")
+            raise TypeError(
+                f"model '{name}' uses attention-pool heads ('map'); supported pools: token, avg, avgmax, max"
+            )
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
         self.multilabel = multilabel
         self.name = name
         self.class_names = list(class_names) if class_names is not None else None

@@ -1,7 +1,7 @@
 """Patch-token deletion and insertion curves in the LibraGrad protocol, batched over all fractions.
 
-LibraGrad (Mahmoudi et al., 2024) evaluates faithfulness by *removing patch tokens from the sequence* (the
-prefix tokens, CLS and registers, are always kept) in the order of the attribution map, and reports the area
+LibraGrad (Mehri, Soleymani Baghshah and Pilehvar, CVPR 2025; arXiv 2411.16760) evaluates faithfulness by
+*removing patch tokens from the sequence* (the prefix tokens, CLS and registers, are always kept) in the order of the attribution map, and reports the area
 under the curve of the target score over the removed / kept fraction:
 
 - deletion (MIF, "most influential first"): at fraction f the `round(f * N)` most-attributed patches are

@@ -1,0 +1,38 @@
+"""The real Hydra app as a user runs it: `python -m caap ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from caap.paths import REPO_ROOT
+
+
+def run_app(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run(
+        [sys.executable, "-m", "caap", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_app_runs_and_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_app("data=synthetic", "data.limit=4", "model.pretrained=false", "media_images=1",
+                   f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "grid_pointing" in proc.stdout and f"outputs: {out}" in proc.stdout
+    assert "wandb sync" in proc.stdout
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written["metrics"]) == {"deletion", "insertion", "grid_pointing"}
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "caap.log").exists()
+
+
+def test_app_cfg_job_and_bad_override(tmp_path: Path) -> None:
+    proc = run_app("--cfg", "job")
+    assert proc.returncode == 0 and "_target_: caap.models.build_model" in proc.stdout
+    bad = run_app("layers.start=abc")
+    assert bad.returncode != 0
+    assert "layers.start" in bad.stderr and "Integer" in bad.stderr
