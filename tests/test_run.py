@@ -118,8 +118,14 @@ def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -
         Image.fromarray((torch.rand(60, 60, 3) * 255).byte().numpy()).save(folder / f"ok{i}.png")
     (folder / "broken.png").write_bytes(b"not an image")
     cfg = compose_cfg(
-        "data=image_folder", f"data.root={folder}", "data.batch_size=2", "target=pred", "metric=faithfulness",
-        "logger=csv", "model.pretrained=false", "method=random",
+        "data=image_folder",
+        f"data.root={folder}",
+        "data.batch_size=2",
+        "target=pred",
+        "metric=faithfulness",
+        "logger=csv",
+        "model.pretrained=false",
+        "method=random",
     )
     results = evaluate(cfg)
     assert set(results) == {"deletion", "insertion"}
@@ -131,8 +137,9 @@ def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray((torch.rand(56, 56, 3) * 255).byte().numpy()).save(folder / "a.png")
-    cfg = compose_cfg("data=image_folder", f"data.root={folder}", "target=pred", "logger=csv",
-                      "model.pretrained=false")
+    cfg = compose_cfg(
+        "data=image_folder", f"data.root={folder}", "target=pred", "logger=csv", "model.pretrained=false"
+    )
     with pytest.raises(ValueError, match="metric=faithfulness"):
         evaluate(cfg)
 
@@ -140,8 +147,14 @@ def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_sim_equals_one_process(compose_cfg, tmp_path) -> None:
-    common = ["data=synthetic", "data.limit=9", "data.batch_size=2", "model.pretrained=false", "logger=csv",
-              "media_images=0"]
+    common = [
+        "data=synthetic",
+        "data.limit=9",
+        "data.batch_size=2",
+        "model.pretrained=false",
+        "logger=csv",
+        "media_images=0",
+    ]
     single = evaluate(compose_cfg(*common, f"output_dir={tmp_path / 'one'}"))
     double = evaluate(compose_cfg(*common, "trainer=ddp_sim", f"output_dir={tmp_path / 'two'}"))
     assert set(single) == set(double)

@@ -129,6 +129,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     method = instantiate(cfg.method)
     method.setup(model)
     datamodule = build_datamodule(cfg.data, model)
+    if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
+        method.prepare(datamodule.dataset)
     metrics = build_metrics(cfg.metric, datamodule)
     loggers = build_loggers(cfg.logger, output_dir, config)
     class_names = model.class_names or getattr(datamodule, "class_names", None)

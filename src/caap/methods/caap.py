@@ -287,8 +287,8 @@ def _patched_chunks(
 def _score(
     logits: Tensor, target: Tensor, score: str, multilabel: bool, neutral_target_logit: Tensor | None
 ) -> Tensor:
-    """Per-row score `[c]` of logits `[c, C]` for target classes `[c]`."""
-    t = logits.gather(1, target[:, None])[:, 0]
+    """Scores `[c, K]` of logits `[c, C]` for K target classes per row `[c, K]`."""
+    t = logits.gather(1, target)
     if score == "logit":
         return t
     if score == "delta":
@@ -296,9 +296,9 @@ def _score(
             raise ValueError("score='delta' needs the unpatched neutral logits")
         return t - neutral_target_logit
     if score == "prob":
-        return t.sigmoid() if multilabel else logits.softmax(-1).gather(1, target[:, None])[:, 0]
+        return t.sigmoid() if multilabel else logits.softmax(-1).gather(1, target)
     if score == "logprob":
-        return F.logsigmoid(t) if multilabel else logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        return F.logsigmoid(t) if multilabel else logits.log_softmax(-1).gather(1, target)
     raise ValueError(f"score={score!r} is not supported; allowed: {list(SCORES)}")
 
 
@@ -316,12 +316,13 @@ def patched_scores(
     neutral_logits: Tensor | None = None,
     head_tokens_only: bool = True,
 ) -> Tensor:
-    """Scores `[B, n]` of the patched runs: one per source image and patch set (row of `masks`).
+    """Scores `[B, n]` of the patched runs: one per source image and patch set (row of `masks`); with targets
+    `[B, K]` (K classes per image, all read from the same patched runs) the scores are `[B, K, n]`.
 
     Args:
         states: `source_states(model, images, patch_positions(start, stop, mode))`: position -> `[B, N, D]`.
         prefix: the neutral `r_start` `[1 or B, T, D]` (`neutral_prefix`).
-        target: target classes `[B]` (long).
+        target: target classes `[B]` or `[B, K]` (long).
         masks: `[n, N]` bool patch sets; row w is patched together (all False = the unpatched neutral run,
             all True = every patch token).
         start, stop: resolved layer range (`resolve_layer_range`), positions `range(start, stop)`.
@@ -333,24 +334,25 @@ def patched_scores(
         head_tokens_only: compute the last block for prefix tokens only when the head reads only those.
     """
     _check_choice("score", score, SCORES)
-    batch = target.shape[0]
+    targets = (target if target.ndim == 2 else target[:, None]).to(prefix.device)  # [B, K]
+    batch, k = targets.shape
     n = masks.shape[0]
     neutral_t = None
     if score == "delta":
         if neutral_logits is None:
             neutral_logits = unpatched_logits(model, prefix, start)
         nl = neutral_logits.float()
-        neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, target[:, None])[:, 0]
-    target = target.to(prefix.device)
-    out = torch.empty(batch * n, dtype=torch.float32, device=prefix.device)
+        neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, targets)  # [B, K]
+    out = torch.empty(batch * n, k, dtype=torch.float32, device=prefix.device)
     for q0, q1, logits in _patched_chunks(
         model, states, prefix, masks, start, stop, mode, chunk_size, head_tokens_only
     ):
         b = torch.arange(q0, q1, device=prefix.device) // n
         out[q0:q1] = _score(
-            logits, target[b], score, model.multilabel, None if neutral_t is None else neutral_t[b]
+            logits, targets[b], score, model.multilabel, None if neutral_t is None else neutral_t[b]
         )
-    return out.view(batch, n)
+    out = out.view(batch, n, k).permute(0, 2, 1)  # [B, K, n]
+    return out if target.ndim == 2 else out[:, 0]
 
 
 def patched_logits(
@@ -505,21 +507,26 @@ class CAAP(AttributionMethod):
         return prefixes, logits
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
-        """CAAP maps `[B, gh, gw]` for pixel-space images `[B, 3, H, W]` and target classes `[B]`."""
+        """CAAP maps `[B, gh, gw]` for pixel-space images `[B, 3, H, W]` and target classes `[B]`.
+
+        Rows that repeat an image (one row per present class under `target=label`) share its patched runs:
+        the runs are computed once per distinct image and every class is read from the same logits.
+        """
         start, stop = self.layer_range(model)
         gh, gw = model.grid_size(images)
         masks, index = window_masks(gh, gw, self.window, images.device)
         with torch.no_grad():
-            states = source_states(model, images, patch_positions(start, stop, self.mode))
-            prefixes, logits = self._neutral(model, images, start)
-            chunk = self.chunk_for(model, images)
+            unique, targets, inverse, slot = group_rows_by_image(images, target)
+            states = source_states(model, unique, patch_positions(start, stop, self.mode))
+            prefixes, logits = self._neutral(model, unique, start)
+            chunk = self.chunk_for(model, unique)
             total: Tensor | None = None
             for prefix, nl in zip(prefixes, logits, strict=True):
                 scores = patched_scores(
                     model,
                     states,
                     prefix,
-                    target,
+                    targets,
                     masks,
                     start,
                     stop,
@@ -528,8 +535,27 @@ class CAAP(AttributionMethod):
                     chunk,
                     nl,
                     self.head_tokens_only,
-                )
+                )  # [U, K, n]
                 total = scores if total is None else total + scores
             assert total is not None
-            maps = (total / prefixes.shape[0])[:, index]
+            maps = (total / prefixes.shape[0])[inverse, slot][:, index]
         return maps.view(images.shape[0], gh, gw)
+
+
+def group_rows_by_image(images: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Distinct images and the classes asked of each.
+
+    Returns `unique [U, 3, H, W]`, `targets [U, K]` (K = most rows sharing one image; short groups padded
+    with their first class), and per input row its image `inverse [B]` and column `slot [B]`, so that
+    `targets[inverse, slot] == target`.
+    """
+    unique, inverse = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+    u = unique.shape[0]
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=u)
+    starts = counts.cumsum(0) - counts
+    slot = torch.empty_like(inverse)
+    slot[order] = torch.arange(inverse.numel(), device=inverse.device) - starts[inverse[order]]
+    targets = target[order[starts]][:, None].repeat(1, int(counts.max()))
+    targets[inverse, slot] = target
+    return unique.view(u, *images.shape[1:]), targets, inverse, slot
