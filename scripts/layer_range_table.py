@@ -29,7 +29,9 @@ def compose_run(overrides: list[str]):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", default="hold", choices=["hold", "inject"])
     parser.add_argument("--baselines", nargs="*", default=["random", "input_x_gradient"])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "layer_table")
@@ -45,8 +47,15 @@ def main() -> None:
         for stop in range(start + 1, depth + 2):
             stop_arg = "null" if stop == depth + 1 else str(stop)
             runs.append(
-                (f"caap[{start}:{stop}]", ["method=caap", f"method.mode={args.mode}", f"layers.start={start}",
-                                           f"layers.stop={stop_arg}"])
+                (
+                    f"caap[{start}:{stop}]",
+                    [
+                        "method=caap",
+                        f"method.mode={args.mode}",
+                        f"layers.start={start}",
+                        f"layers.stop={stop_arg}",
+                    ],
+                )
             )
     rows: dict[str, dict[str, float]] = {}
     for name, overrides in runs:
@@ -60,7 +69,11 @@ def main() -> None:
     best = {
         m: (min if m in lower_better else max)(r[m] for r in rows.values() if r[m] == r[m]) for m in metrics
     }
-    print("\n| run | " + " | ".join(f"{m} ({'lower' if m in lower_better else 'higher'})" for m in metrics) + " |")
+    print(
+        "\n| run | "
+        + " | ".join(f"{m} ({'lower' if m in lower_better else 'higher'})" for m in metrics)
+        + " |"
+    )
     print("|---|" + "---|" * len(metrics))
     for name, r in rows.items():
         cells = [f"{r[m]:.4f}{'*' if r[m] == best[m] else ''}" for m in metrics]

@@ -20,8 +20,9 @@ def run_app(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 
 def test_app_runs_and_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run_app("data=synthetic", "data.limit=4", "model.pretrained=false", "media_images=1",
-                   f"hydra.run.dir={out}")
+    proc = run_app(
+        "data=synthetic", "data.limit=4", "model.pretrained=false", "media_images=1", f"hydra.run.dir={out}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "grid_pointing" in proc.stdout and f"outputs: {out}" in proc.stdout
     assert "wandb sync" in proc.stdout

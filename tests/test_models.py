@@ -58,8 +58,12 @@ def test_wrong_image_size_and_unsupported_models_fail_clearly() -> None:
 
 
 def test_pretrained_without_local_weights_says_how_to_provide_them(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # read at import time, not from env
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-hf-home")
     with pytest.raises(RuntimeError, match=r"model\.weights="):
         build_model("vit_tiny_patch16_224", pretrained=True)
 

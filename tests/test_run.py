@@ -161,3 +161,9 @@ def test_ddp_sim_equals_one_process(compose_cfg, tmp_path) -> None:
     for name in single:
         assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name
     assert set(load_maps(tmp_path / "one" / "maps")) == set(load_maps(tmp_path / "two" / "maps"))
+
+
+def test_layer_index_out_of_range_fails_before_any_data(compose_cfg, tmp_path) -> None:
+    cfg = compose_cfg("method=caap", "layers.start=9", "model.pretrained=false", f"data.root={tmp_path}")
+    with pytest.raises(ValueError, match=r"layers\.start"):
+        evaluate(cfg)  # data.root is empty: the layer error must come first

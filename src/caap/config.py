@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -57,8 +57,15 @@ class DataConfig:
     num_shards: int = 1
 
 
+def _suffix(text: str | None) -> str:
+    """`_text`, or nothing for an empty text (run folders of runs without overrides get no trailing `_`)."""
+    return f"_{text}" if text else ""
+
+
 def register_schemas() -> None:
-    """Store the schemas under the `schema` group, which the YAML options extend."""
+    """Store the schemas under the `schema` group, which the YAML options extend; register caap's resolvers."""
+    if not OmegaConf.has_resolver("caap.suffix"):
+        OmegaConf.register_new_resolver("caap.suffix", _suffix)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="layers", node=LayersConfig)
