@@ -46,9 +46,24 @@ def test_metric_options_instantiate(compose_cfg, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", options("data"))
-def test_data_options_compose(compose_cfg, name: str, tmp_path: Path) -> None:
-    cfg = compose_cfg(f"data={name}", f"data.root={tmp_path}")
+def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from caap.models import build_model
+    from caap.run import build_datamodule
+
+    overrides = [f"data={name}"]
+    if name == "image_folder":
+        Image.new("RGB", (60, 70), (200, 10, 10)).save(tmp_path / "a.png")
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_cfg(*overrides)
     assert cfg.data.name == name and cfg.data.batch_size > 0
+    datamodule = build_datamodule(
+        cfg.data, build_model("vit_fashiongrid_patch7_56", class_names=list("abcdefghij"))
+    )
+    sample = datamodule.dataset[datamodule.indices[0]]
+    assert sample["image"].shape == (3, 56, 56)
+    assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
 
 
 @pytest.mark.parametrize("name", options("layers"))
