@@ -39,8 +39,8 @@ class LayersConfig:
     """
 
     name: str = "custom"
-    start: int = 2
-    stop: int | None = None
+    start: int = 0
+    stop: int | None = 2
 
 
 @dataclass
