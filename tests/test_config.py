@@ -63,7 +63,7 @@ def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> Non
     )
     sample = datamodule.dataset[datamodule.indices[0]]
     assert sample["image"].shape == (3, 56, 56)
-    assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
+    assert float(sample["image"].min()) >= 0.0 and float(sample["image"].max()) <= 1.0
 
 
 @pytest.mark.parametrize("name", options("layers"))

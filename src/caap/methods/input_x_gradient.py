@@ -4,6 +4,10 @@ The attribution of patch i is `sum_d r_0[i, d] * dS/dr_0[i, d]`, signed, where r
 (after patch embed, prefix tokens and position embedding) and S the target score. Written by hand rather than
 with Captum's InputXGradient because the input is an internal tensor (r_0), not the image; a test checks the
 two agree when Captum is pointed at the same tensor.
+
+`libragrad: false | true | <preset>` differentiates through the LibraGrad backward rules
+(`caap.methods.libragrad`); `score: null` means the logit for plain gradients and the preset's head under
+LibraGrad. With the `attnlrp` preset this is AttnLRP written as a modified gradient.
 """
 
 from __future__ import annotations
@@ -11,35 +15,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caap.methods.base import AttributionMethod
+from caap.methods.gradient import GradientFamily
+from caap.methods.libragrad import SCORES, score_of
 from caap.models.vit import ViTClassifier
 
-SCORES = ("logit", "prob")
+__all__ = ["SCORES", "InputXGradient", "target_score"]
 
 
 def target_score(model: ViTClassifier, logits: Tensor, target: Tensor, score: str) -> Tensor:
     """The differentiated score `[B]`: the target logit or the target probability."""
-    picked = logits if score == "logit" else model.probabilities(logits)
-    return picked.gather(1, target[:, None]).squeeze(1)
+    return score_of(logits, target, score, model.multilabel)
 
 
-class InputXGradient(AttributionMethod):
+class InputXGradient(GradientFamily):
     """Signed channel sum of `r_0 * grad` over the patch tokens, `[B, gh, gw]`, batched over images."""
 
-    requires_grad = True
     name = "input_x_gradient"
 
-    def __init__(self, score: str = "logit") -> None:
-        if score not in SCORES:
-            raise ValueError(f"method.score='{score}' is not supported; allowed: {list(SCORES)}")
-        self.score = score
+    def __init__(self, score: str | None = None, libragrad: bool | str = False) -> None:
+        super().__init__(score=score, libragrad=libragrad)
+
+    def token_relevance(self, model: ViTClassifier, images: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(`sum_d r_0 * grad` for every token `[B, T]`, prefix tokens included; the score `[B]`)."""
+        r0 = self.embed_leaf(model, images)
+        with self.rewired(model):
+            scores = self.target_scores(model, model.head(model.forward_blocks(r0)), target)
+            (grad,) = torch.autograd.grad(scores.sum(), r0)
+        return (r0.detach() * grad).sum(-1), scores.detach()
+
+    def completeness_terms(
+        self, model: ViTClassifier, images: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """(sum of all token attributions `[B]`, the differentiated score `[B]` it would equal if complete)."""
+        relevance, scores = self.token_relevance(model, images, target)
+        return relevance.sum(-1), scores
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
-        r0 = model.embed(images).detach().requires_grad_(True)
-        logits = model.head(model.forward_blocks(r0))
-        scores = target_score(model, logits, target, self.score)
-        # Samples are independent (no batch statistics), so the gradient of the sum is per-sample.
-        (grad,) = torch.autograd.grad(scores.sum(), r0)
-        relevance = (r0 * grad).sum(-1).float()
-        gh, gw = model.grid_size(images)
-        return model.patch_tokens(relevance[..., None])[..., 0].reshape(-1, gh, gw)
+        relevance, _ = self.token_relevance(model, images, target)
+        return self.to_grid(model, images, relevance)
