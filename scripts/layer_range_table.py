@@ -2,6 +2,7 @@
 
     python scripts/layer_range_table.py data.limit=64            # extra args are Hydra overrides for every run
     python scripts/layer_range_table.py --mode hold --baselines random input_x_gradient -- data.limit=64
+    python scripts/layer_range_table.py --ranges default --baselines random 'gradient;method.libragrad=true' -- data.limit=48
 
 Each run is `caap.run.evaluate` on the composed config (CSV logger, no media), written under
 outputs/layer_table/<name>/; the table lists every metric with the best value per column marked by `*`.
@@ -34,6 +35,12 @@ def main() -> None:
     )
     parser.add_argument("--mode", default="hold", choices=["hold", "inject"])
     parser.add_argument("--baselines", nargs="*", default=["random", "input_x_gradient"])
+    parser.add_argument(
+        "--ranges",
+        choices=["all", "default", "none"],
+        default="all",
+        help="CAAP layer ranges: every (start, stop) pair, only conf/layers/default, or none",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "layer_table")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -42,8 +49,13 @@ def main() -> None:
     common = ["logger=csv", "media_images=0", "trainer.enable_progress_bar=false", *args.overrides]
     depth = instantiate(compose_run(common).model).depth
 
-    runs: list[tuple[str, list[str]]] = [(b, [f"method={b}"]) for b in args.baselines]
-    for start in range(depth + 1):
+    # a baseline is a method option, optionally with overrides after `;` (e.g. `gradient;method.libragrad=true`)
+    runs: list[tuple[str, list[str]]] = [
+        (b, [f"method={b.split(';')[0]}", *b.split(";")[1:]]) for b in args.baselines
+    ]
+    if args.ranges == "default":
+        runs.append(("caap[default]", ["method=caap"]))
+    for start in range(depth + 1) if args.ranges == "all" else ():
         for stop in range(start + 1, depth + 2):
             stop_arg = "null" if stop == depth + 1 else str(stop)
             runs.append(
@@ -59,7 +71,7 @@ def main() -> None:
             )
     rows: dict[str, dict[str, float]] = {}
     for name, overrides in runs:
-        out = args.out / name.replace("[", "_").replace(":", "-").replace("]", "")
+        out = args.out / "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
         cfg = compose_run([*common, *overrides, f"output_dir={out}"])
         rows[name] = evaluate(cfg)
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
