@@ -10,10 +10,14 @@ sampler draws coalitions from the Shapley kernel and weights the empty and full 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from captum._utils.models.model import Model
 from torch import Tensor
 from torch.utils.data import DataLoader
+
+from caap.methods._hooks import seeded
 
 
 class WeightedRidge(Model):
@@ -57,3 +61,35 @@ class WeightedRidge(Model):
         if self.coef is None or self.intercept is None:
             raise RuntimeError("WeightedRidge called before fit()")
         return x.reshape(x.shape[0], -1).float() @ self.coef.to(x.device) + self.intercept.to(x.device)
+
+
+def attribute_per_image(
+    explainer: Any,
+    images: Tensor,
+    target: Tensor,
+    feature_mask: Tensor,
+    grid: tuple[int, int],
+    seed: int,
+    baseline: float,
+    n_samples: int,
+    perturbations_per_eval: int,
+) -> Tensor:
+    """Run a Captum surrogate explainer (KernelShap, Lime) image by image, as Captum requires.
+
+    Each image gets the same seed, so its map does not depend on its position in the batch. Returns the
+    per-patch coefficients as maps `[B, gh, gw]`.
+    """
+    maps = []
+    for i in range(images.shape[0]):
+        with seeded(seed, images.device):
+            coef = explainer.attribute(
+                images[i : i + 1].float(),
+                baselines=baseline,
+                target=int(target[i]),
+                feature_mask=feature_mask,
+                n_samples=n_samples,
+                perturbations_per_eval=perturbations_per_eval,
+                return_input_shape=False,
+            )
+        maps.append(coef.reshape(*grid).to(images.device).float())
+    return torch.stack(maps)

@@ -18,7 +18,6 @@ restored afterwards), so maps do not depend on batching or call order.
 
 from __future__ import annotations
 
-import torch
 from captum.attr import KernelShap as CaptumKernelShap
 from torch import Tensor
 
@@ -28,9 +27,8 @@ from caap.methods._hooks import (
     check_choice,
     check_positive_int,
     patch_feature_mask,
-    seeded,
 )
-from caap.methods._surrogate import WeightedRidge
+from caap.methods._surrogate import WeightedRidge, attribute_per_image
 from caap.methods.base import AttributionMethod
 from caap.methods.occlusion import check_baseline
 from caap.models.vit import ViTClassifier
@@ -61,17 +59,14 @@ class KernelShap(AttributionMethod):
         mask = patch_feature_mask(model, images)
         explainer = CaptumKernelShap(ScoreModel(model, self.score))
         explainer.interpretable_model = WeightedRidge(alpha=0.0)
-        maps = []
-        for i in range(images.shape[0]):
-            with seeded(self.seed, images.device):
-                coef = explainer.attribute(
-                    images[i : i + 1].float(),
-                    baselines=self.baseline,
-                    target=int(target[i]),
-                    feature_mask=mask,
-                    n_samples=self.n_samples,
-                    perturbations_per_eval=self.perturbations_per_eval,
-                    return_input_shape=False,
-                )
-            maps.append(coef.reshape(gh, gw).to(images.device).float())
-        return torch.stack(maps)
+        return attribute_per_image(
+            explainer,
+            images,
+            target,
+            mask,
+            (gh, gw),
+            self.seed,
+            self.baseline,
+            self.n_samples,
+            self.perturbations_per_eval,
+        )

@@ -19,7 +19,6 @@ afterwards), so maps do not depend on batching or call order.
 
 from __future__ import annotations
 
-import torch
 from captum.attr import Lime as CaptumLime
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor
@@ -30,9 +29,8 @@ from caap.methods._hooks import (
     check_choice,
     check_positive_int,
     patch_feature_mask,
-    seeded,
 )
-from caap.methods._surrogate import WeightedRidge
+from caap.methods._surrogate import WeightedRidge, attribute_per_image
 from caap.methods.base import AttributionMethod
 from caap.methods.occlusion import check_baseline
 from caap.models.vit import ViTClassifier
@@ -79,17 +77,14 @@ class Lime(AttributionMethod):
             interpretable_model=WeightedRidge(alpha=self.alpha),
             similarity_func=get_exp_kernel_similarity_function("cosine", self.kernel_width),
         )
-        maps = []
-        for i in range(images.shape[0]):
-            with seeded(self.seed, images.device):
-                coef = explainer.attribute(
-                    images[i : i + 1].float(),
-                    baselines=self.baseline,
-                    target=int(target[i]),
-                    feature_mask=mask,
-                    n_samples=self.n_samples,
-                    perturbations_per_eval=self.perturbations_per_eval,
-                    return_input_shape=False,
-                )
-            maps.append(coef.reshape(gh, gw).to(images.device).float())
-        return torch.stack(maps)
+        return attribute_per_image(
+            explainer,
+            images,
+            target,
+            mask,
+            (gh, gw),
+            self.seed,
+            self.baseline,
+            self.n_samples,
+            self.perturbations_per_eval,
+        )
