@@ -36,17 +36,11 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
     """The datamodule of `cfg.data`; dataset keys left null (`image_size`, `class_names`, `num_classes`) are
     filled from the model."""
     from_model = {
-        "image_size": int(model.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-        if not model.model.dynamic_img_size
-        else None,
+        "image_size": int(model.model.patch_embed.img_size[0]),  # the size the model was built for
         "class_names": model.class_names,
         "num_classes": model.num_classes,
     }
-    fill = {
-        k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
-    }
-    if "image_size" in fill and tuple(model.model.patch_embed.img_size) != (fill["image_size"],) * 2:
-        fill["image_size"] = int(model.model.patch_embed.img_size[0])
+    fill = {k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None}
     dataset = instantiate(cfg.dataset, **fill)
     return AttributionDataModule(
         dataset=dataset,
