@@ -11,12 +11,20 @@ export WANDB_SILENT ?= true
 
 .PHONY: setup run test test-slow test-all lint format train clean-outputs
 
-setup: $(FMNIST) $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+
+setup: $(FMNIST) $(CHROMIUM) $(VENV)/.installed
 
 $(FMNIST):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	 ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist)) && test -f $@
+
+# Headless Chromium renders the HTML report in its test (tests/test_report.py).
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	 ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium)) && test -x $@
 
 $(VENV)/bin/python:
 	$(PY_SYS) -m venv $(VENV)
