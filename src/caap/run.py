@@ -40,7 +40,9 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
         "class_names": model.class_names,
         "num_classes": model.num_classes,
     }
-    fill = {k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None}
+    fill = {
+        k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
+    }
     dataset = instantiate(cfg.dataset, **fill)
     return AttributionDataModule(
         dataset=dataset,
@@ -58,7 +60,7 @@ def build_metrics(cfg: DictConfig, datamodule: AttributionDataModule) -> dict[st
     needs_masks = [name for name, m in metrics.items() if getattr(m, "requires_masks", False)]
     if needs_masks and datamodule.indices:
         sample = datamodule.dataset[datamodule.indices[0]]
-        if sample is not None and "masks" not in sample:
+        if sample is not None and "masks" not in sample and "segmentation" not in sample:
             raise ValueError(
                 f"metrics {needs_masks} need ground-truth masks, but dataset "
                 f"{type(datamodule.dataset).__name__} has none; use metric=faithfulness"

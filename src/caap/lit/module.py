@@ -79,6 +79,7 @@ class AttributionModule(L.LightningModule):
             labels=batch["target"][rows] if batch.get("target") is not None else None,
             cell_masks=masks["cell"][rows] if "cell" in masks else None,
             item_masks=masks["item"][rows] if "item" in masks else None,
+            segmentation=batch["segmentation"][rows] if batch.get("segmentation") is not None else None,
         )
         with torch.no_grad():
             for metric in self.metrics.values():
