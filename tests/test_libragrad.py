@@ -193,6 +193,94 @@ def test_layernorm_and_gelu_rules_are_the_stated_linearisations() -> None:
     torch.testing.assert_close(g_act, c * phi)  # d/dx of x * Phi(x).detach()
 
 
+def _official_formulation(model: ViTClassifier) -> list[tuple[torch.nn.Module, object]]:
+    """Patch `model` in place into the official code's `swap_backward` form of LibraGrad (the reference):
+    LayerNorm `swap(ln(x), (x - mu) / sigma.detach() * w + b)`, GELU `swap(gelu(x), x * gate(x).detach())`,
+    explicit attention with q and k detached. Returns what to restore."""
+    from timm.layers import activations as timm_act
+
+    from caap.methods.libragrad import swap_backward
+
+    patched: list[tuple[torch.nn.Module, object]] = []
+
+    def patch(module: torch.nn.Module, forward) -> None:
+        patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+
+            def ln(x, m=m):
+                mu = x.mean(-1, keepdim=True)
+                sigma = (x.var(-1, unbiased=False, keepdim=True) + m.eps).sqrt()
+                rule = (x - mu) / sigma.detach() * m.weight + m.bias
+                return swap_backward(
+                    torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps), rule
+                )
+
+            patch(m, ln)
+        elif isinstance(m, (torch.nn.GELU, timm_act.GELU, timm_act.GELUTanh)):
+            tanh = getattr(m, "approximate", "none") == "tanh" or isinstance(m, timm_act.GELUTanh)
+
+            def gelu(x, tanh=tanh):
+                if tanh:
+                    gate = 0.5 * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+                else:
+                    gate = 0.5 * (1 + torch.erf(x / 2**0.5))
+                approx = "tanh" if tanh else "none"
+                return swap_backward(torch.nn.functional.gelu(x, approximate=approx), x * gate.detach())
+
+            patch(m, gelu)
+    for m in model.modules():  # after the norms: q_norm / k_norm may be LayerNorms patched above
+        if type(m).__name__ == "Attention":
+            for qk in (m.q_norm, m.k_norm):
+                inner = qk.forward
+                patch(qk, lambda x, inner=inner: inner(x).detach())
+    return patched
+
+
+@pytest.mark.parametrize("variant", ["cls", "registers", "avgpool", "gelu_tanh_qknorm"])
+def test_rules_equal_the_official_swap_backward_formulation(variant: str) -> None:
+    """The engine (fused SDPA, value-only attention backward, rstd reused, gate read off the output) gives the
+    same input gradient as the official formulation, to float64 precision."""
+    model = _model(VARIANTS.get(variant, ARCHS.get(variant)), double=True)
+    images, target = _images(2, double=True), torch.tensor([3, 8])
+    with torch.no_grad():
+        r0 = model.embed(images)
+
+    def grad_r0() -> torch.Tensor:
+        x = r0.clone().requires_grad_(True)
+        logits = model.head(model.forward_blocks(x))
+        return torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)[0]
+
+    with torch.enable_grad(), libragrad(model, "wo_head"):
+        engine = grad_r0()
+    set_fused_attn(model, False)
+    patched = _official_formulation(model)
+    try:
+        with torch.enable_grad():
+            official = grad_r0()
+    finally:
+        for module, forward in reversed(patched):
+            del module.forward
+            if forward is not None:
+                module.forward = forward
+        set_fused_attn(model, True)
+    torch.testing.assert_close(engine, official, rtol=1e-10, atol=1e-12)
+    with torch.enable_grad():
+        assert not torch.allclose(grad_r0(), official)  # the rules do change the gradient
+
+
+def test_gate_rule_at_zero_is_one_half() -> None:
+    """The gate is read off the output (y / x); at x = 0 (0 / 0) it is Phi(0) = sigmoid(0) = 1/2, not NaN."""
+    model = _model()
+    x = torch.tensor([[-1.0, 0.0, 2.0]], requires_grad=True)
+    with torch.enable_grad(), libragrad(model, True):
+        (g,) = torch.autograd.grad(model.blocks[0].mlp.act(x).sum(), x)
+    expected = 0.5 * (1 + torch.erf(x.detach() / 2**0.5))
+    torch.testing.assert_close(g, expected)
+
+
 # -- 3. completeness --------------------------------------------------------------------------------------
 
 

@@ -5,14 +5,21 @@ model on exit, even when the body raises. Forward values never change: every rul
 `y` by a tensor with the value of `y` (a view of it) and the gradient of the rule, i.e. the official code's
 `swap_backward(y, b)` (value of `y`, gradient of `b`), written as small autograd Functions whose backward
 applies the rule's Jacobian directly, so that nothing extra is computed in forward. The rules are installed
-as forward hooks; nothing is monkey-patched and nothing is left behind. Hooks act only while autograd records (under `torch.no_grad()` they return the module output untouched).
+as forward hooks; nothing is monkey-patched and nothing is left behind. Hooks act only while autograd records
+(under `torch.no_grad()` they return the module output untouched).
+
+Cost: a LibraGrad gradient pass costs what a plain one does (`benchmarks/libragrad_cost.py`). The rules' own
+backward kernels are no dearer than the ones they replace: LayerNorm reuses the rstd its forward kernel saved,
+the activation gate is read off the activation's output (`y / x`), and attention with q and k detached runs a
+value-only backward (A recomputed, `dv = A^T do`: two matmuls) instead of the fused SDPA backward that
+computes dq, dk and dv (five).
 
 Rules (REFERENCE.md section 1, from the official code, where LibraGrad is called "FairGrad"):
 
 - attention: q and k detached (hooks on `attn.q_norm` / `attn.k_norm`, which timm always calls, `nn.Identity`
   without qk-norm), so the attention matrix is a constant in backward and the gradient flows through V only.
-  This works with fused SDPA on: the kernel just receives q and k that do not require grad. A sigmoid output
-  gate (timm `gated=True`) is detached like an activation gate.
+  This works with fused SDPA on; its backward is the value-only one (`_ValueOnlyAttention`). A sigmoid
+  output gate (timm `gated=True`) is detached like an activation gate.
 - LayerNorm: sigma detached, the mean stays differentiable (LN is affine in backward). RMSNorm: the RMS
   detached (the analogous rule; the official code has none).
 - GELU / SiLU / QuickGELU: the gate detached, `x * Phi(x).detach()` (tanh form for `approximate='tanh'`),
@@ -33,7 +40,6 @@ error naming the model rather than silently giving non-LibraGrad gradients.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,53 +157,90 @@ def _low_precision(x: Tensor) -> Tensor:
 class _FrozenScaleNorm(torch.autograd.Function):
     """Value: the norm module's own output `y`. Backward: the norm with its scale held constant.
 
-    LayerNorm (`center`): `y = (x - mean x) / sigma * w + b` with sigma constant, so
-    `dx = (gw - mean gw) / sigma`, `gw = dy * w`. RMSNorm: `y = x / rms * w` with rms constant, `dx = gw / rms`.
-    Equivalent to `swap_backward(y, rule(x))` but computes nothing extra in forward."""
+    LayerNorm (`center`): `y = (x - mean x) * rstd * w + b` with rstd constant, so `dx = (gw - mean gw) * rstd`,
+    `gw = dy * w`. RMSNorm: `y = x * rstd * w` with rstd constant, `dx = gw * rstd`. Equivalent to
+    `swap_backward(y, rule(x))`, but computes nothing extra in forward, and for LayerNorm not even rstd in
+    backward: it is the one the forward kernel saved for its own (now unused) backward node.
+    """
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias, ndim: int, eps: float, center: bool):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, y, weight, bias, rstd, ndim: int, eps: float, center: bool):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, rstd)
         ctx.ndim, ctx.eps, ctx.center = ndim, eps, center
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
         dims = tuple(range(-ctx.ndim, 0))
         xf, gf = _low_precision(x), _low_precision(grad)
-        if ctx.center:  # one fused pass for x_hat and 1 / sigma
-            xhat, _, rstd = torch.native_layer_norm(xf, xf.shape[x.ndim - ctx.ndim :], None, None, ctx.eps)
-        else:
-            rstd = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + ctx.eps)
-            xhat = None
+        if rstd is None:  # RMSNorm, or a LayerNorm whose forward kept no statistics
+            centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
+            rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
         gw = gf * weight.to(gf.dtype) if weight is not None else gf
         if ctx.center:
             gw = gw - gw.mean(dims, keepdim=True)
-        gx = (gw * rstd).to(x.dtype)
+        gx = gw.mul_(rstd).to(x.dtype) if gw is not gf else (gw * rstd).to(x.dtype)
         lead = tuple(range(x.ndim - ctx.ndim))
         gweight = gbias = None
         if weight is not None and ctx.needs_input_grad[2]:
-            xhat = xf * rstd if xhat is None else xhat
-            gweight = (gf * xhat).sum(lead).to(weight.dtype)
+            centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
+            gweight = (gf * centred * rstd).sum(lead).to(weight.dtype)
         if ctx.needs_input_grad[3]:
             gbias = gf.sum(lead).to(x.dtype)
-        return gx, None, gweight, gbias, None, None, None
+        return gx, None, gweight, gbias, None, None, None, None
 
 
 class _DetachedGate(torch.autograd.Function):
-    """Value: the activation's own output `y = x * g(x)`. Backward: `dx = dy * g(x)` (the gate a constant)."""
+    """Value: the activation's own output `y = x * g(x)`. Backward: `dx = dy * g(x)` (the gate a constant).
+
+    The gate is read off the output, `g(x) = y / x` (at x = 0, where y = 0, g(0) = 1/2 for GELU, SiLU and
+    QuickGELU alike): three elementwise kernels, where recomputing Phi(x) took five (`ndtr` is erf composed).
+    It is the module's own gate to the last bit of `y`, whatever its approximation (erf or tanh GELU)."""
 
     @staticmethod
-    def forward(ctx, x, y, gate):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.gate = gate
+    def forward(ctx, x, y):  # type: ignore[override]
+        ctx.save_for_backward(x, y)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * ctx.gate(x), None, None
+        x, y = ctx.saved_tensors
+        gate = torch.div(y, x).nan_to_num_(nan=0.5)
+        return gate.mul_(grad), None
+
+
+class _ValueOnlyAttention(torch.autograd.Function):
+    """Value: the attention output `o = softmax(q k^T * scale) v` as computed (fused SDPA). Backward with q and
+    k detached (LibraGrad's attention rule): only `dv = A^T do`.
+
+    A fused SDPA backward computes dq, dk and dv whether or not q and k need them (five matmuls and a softmax
+    backward); with A a constant the rule needs two matmuls (A recomputed, then A^T do), done here in
+    chunks of batch x heads that keep A within `_ATTN_CHUNK_BYTES`.
+    Shapes: q, k `[B, H, N, d]` (detached), v `[B, N, H, d]` (a view of the qkv output), o `[B, N, H * d]`.
+    """
+
+    @staticmethod
+    def forward(ctx, v, q, k, out, scale: float):  # type: ignore[override]
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, k = ctx.saved_tensors
+        b, h, n, d = q.shape
+        g = grad.reshape(b, n, h, d).transpose(1, 2).to(q.dtype)  # [B, H, N, d]
+        dv = torch.empty_like(g)
+        rows = max(1, _ATTN_CHUNK_BYTES // max(1, h * n * n * 4))
+        for i in range(0, b, rows):
+            scores = torch.matmul(q[i : i + rows], k[i : i + rows].transpose(-2, -1)).mul_(ctx.scale)
+            attn = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(g.dtype)
+            torch.matmul(attn.transpose(-2, -1), g[i : i + rows], out=dv[i : i + rows])
+        return dv.transpose(1, 2), None, None, None, None
+
+
+_ATTN_CHUNK_BYTES = 1 << 30
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -211,6 +254,13 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+def _saved_rstd(out: Tensor) -> Tensor | None:
+    """The rstd `[*, 1]` that `native_layer_norm` saved for the backward of `out`, if `out` came from it."""
+    node = out.grad_fn
+    rstd = getattr(node, "_saved_result2", None) if node is not None else None
+    return rstd if isinstance(rstd, Tensor) and rstd.ndim == out.ndim else None
+
+
 def _norm_hook(center: bool) -> Callable[..., Tensor | None]:
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled() or not isinstance(out, Tensor):
@@ -219,39 +269,82 @@ def _norm_hook(center: bool) -> Callable[..., Tensor | None]:
         ndim = 1 if isinstance(shape, int) else len(shape)
         eps = module.eps if module.eps is not None else torch.finfo(out.dtype).eps
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, bias, ndim, eps, center)
+        rstd = _saved_rstd(out) if center and ndim == 1 else None
+        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, bias, rstd, ndim, eps, center)
 
     return hook
 
 
-def _gate_hook(gate: Callable[[Tensor], Tensor]) -> Callable[..., Tensor | None]:
-    def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
-        if not torch.is_grad_enabled() or not isinstance(out, Tensor):
+def _gate_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+    if not torch.is_grad_enabled() or not isinstance(out, Tensor):
+        return None
+    return _DetachedGate.apply(args[0], out.detach())
+
+
+def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+    """Hooks that route the backward of a fused timm `Attention` through `_ValueOnlyAttention`.
+
+    The qkv output and the (detached) q and k are stashed as the forward runs; a pre-hook on `attn.norm`
+    (the first module after the attention product) swaps its input for the value-only rule. It applies only on
+    the fused path without masks: the explicit path (fused off, e.g. when a method captures the attention
+    matrix) already has q and k detached, and attention masks fall back to the same.
+    """
+    stash: dict[str, Any] = {}
+
+    def call_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        masked = kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1
+        stash.clear()
+        stash["on"] = torch.is_grad_enabled() and module.fused_attn and not masked and not module.training
+
+    def qkv_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        if stash.get("on"):
+            stash["qkv"] = out
+
+    def qk_hook(name: str) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+            if not torch.is_grad_enabled():
+                return None
+            out = out.detach()
+            if stash.get("on"):
+                stash[name] = out
+            return out
+
+        return hook
+
+    def norm_pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if not stash.get("on") or "qkv" not in stash:
             return None
-        return _DetachedGate.apply(args[0], out.detach(), gate)
+        q, k, qkv = stash.pop("q"), stash.pop("k"), stash.pop("qkv")
+        stash.clear()
+        if not qkv.requires_grad:
+            return None
+        b, n, _ = qkv.shape
+        v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim)[:, :, 2]
+        return (_ValueOnlyAttention.apply(v, q, k, args[0].detach(), attn.scale), *args[1:])
 
-    return hook
+    return [
+        (attn, "pre_kwargs", call_hook),
+        (attn.qkv, "fwd", qkv_hook),
+        (attn.q_norm, "fwd", qk_hook("q")),
+        (attn.k_norm, "fwd", qk_hook("k")),
+        (attn.norm, "pre", norm_pre_hook),
+    ]
 
 
-def _gelu_gate(x: Tensor, approximate: str) -> Tensor:
-    if approximate == "tanh":
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-    return torch.special.ndtr(x)  # Phi(x) = 0.5 (1 + erf(x / sqrt 2)), one kernel
+_GATED_ACTS: tuple[type, ...] = (
+    nn.GELU,
+    nn.SiLU,
+    timm_act.GELU,
+    timm_act.GELUTanh,
+    timm_act.QuickGELU,
+    timm_act.Swish,
+)
 
 
-def _activation_gate(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
-    """The gate g with act(x) = x * g(x), or None for activations that need no rule (ReLU, Identity)."""
-    if isinstance(module, nn.GELU):
-        return lambda x: _gelu_gate(x, module.approximate)
-    if isinstance(module, timm_act.GELUTanh):
-        return lambda x: _gelu_gate(x, "tanh")
-    if isinstance(module, timm_act.GELU):
-        return lambda x: _gelu_gate(x, "none")
-    if isinstance(module, timm_act.QuickGELU):
-        return lambda x: torch.sigmoid(1.702 * x)
-    if isinstance(module, (nn.SiLU, timm_act.Swish)):
-        return torch.sigmoid
-    return None
+def _has_gate_rule(module: nn.Module) -> bool:
+    """Whether `module` is an activation of the form act(x) = x * g(x) with g(0) = 1/2 (GELU erf/tanh,
+    QuickGELU, SiLU), whose gate `_DetachedGate` holds constant."""
+    return isinstance(module, _GATED_ACTS)
 
 
 _NO_RULE_ACTS = (nn.ReLU, nn.Identity)
@@ -274,21 +367,25 @@ def _scale_hook(factor: float) -> Callable[..., Tensor | None]:
     return hook
 
 
-def _plan(model: nn.Module, rules: LibraGradRules) -> list[tuple[nn.Module, Callable[..., Any]]]:
-    """(module, forward hook) pairs in installation order; raises on modules the rules cannot handle."""
+_Hook = tuple[nn.Module, str, Callable[..., Any]]
+
+
+def _plan(model: nn.Module, rules: LibraGradRules) -> list[_Hook]:
+    """(module, kind, hook) in installation order, kind `fwd` (forward hook), `pre` (forward pre-hook) or
+    `pre_kwargs` (pre-hook with kwargs); raises on modules the rules cannot handle."""
     name = getattr(model, "name", type(model).__name__)
     root = getattr(model, "model", model)
     scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
     modules = [m for part in scope for m in part.modules()]
-    plan: list[tuple[nn.Module, Callable[..., Any]]] = []
+    plan: list[_Hook] = []
     # 1) norms first, so that the attention hooks on q_norm / k_norm see their substituted output
     for m in modules:
         if isinstance(m, nn.LayerNorm):
             if rules.layernorm:
-                plan.append((m, _norm_hook(center=True)))
+                plan.append((m, "fwd", _norm_hook(center=True)))
         elif _RMS_NORMS and isinstance(m, _RMS_NORMS):
             if rules.layernorm:
-                plan.append((m, _norm_hook(center=False)))
+                plan.append((m, "fwd", _norm_hook(center=False)))
         elif "norm" in type(m).__name__.lower() and not isinstance(m, nn.Identity):
             raise NotImplementedError(
                 f"LibraGrad on model '{name}': no rule for the normalisation layer {type(m).__name__}; "
@@ -297,27 +394,27 @@ def _plan(model: nn.Module, rules: LibraGradRules) -> list[tuple[nn.Module, Call
     # 2) activations and gated MLPs
     for m in modules:
         if isinstance(m, _GATED_MLPS) and rules.gated_mlp:
-            plan.append((m.drop1, _scale_hook(0.5)))
+            plan.append((m.drop1, "fwd", _scale_hook(0.5)))
         act = getattr(m, "act", None)
         if isinstance(act, nn.Module) and not isinstance(act, _NO_RULE_ACTS):
-            gate = _activation_gate(act)
-            if gate is None:
+            if not _has_gate_rule(act):
                 raise NotImplementedError(
                     f"LibraGrad on model '{name}': no gate rule for the activation {type(act).__name__} in "
                     f"{type(m).__name__}; supported: GELU (erf, tanh), QuickGELU, SiLU, ReLU"
                 )
             if rules.activation:
-                plan.append((act, _gate_hook(gate)))
+                plan.append((act, "fwd", _gate_hook))
     # 3) attention
     for m in modules:
         if type(m) is Attention:
             if getattr(m, "gate", None) is not None and rules.activation:
-                plan.append((m.gate, _detach_hook))
+                plan.append((m.gate, "fwd", _detach_hook))
             if rules.attention == "detach_qk":
-                plan += [(m.q_norm, _detach_hook), (m.k_norm, _detach_hook)]
+                plan += _value_only_attention_hooks(m)
             elif rules.attention == "attnlrp":
-                plan += [(m.q_norm, _scale_hook(rules.qk_scale)), (m.k_norm, _scale_hook(rules.qk_scale))]
-                plan.append((m.norm, _scale_hook(rules.out_scale)))
+                plan.append((m.q_norm, "fwd", _scale_hook(rules.qk_scale)))
+                plan.append((m.k_norm, "fwd", _scale_hook(rules.qk_scale)))
+                plan.append((m.norm, "fwd", _scale_hook(rules.out_scale)))
         elif "attention" in type(m).__name__.lower() or hasattr(m, "fused_attn"):
             raise NotImplementedError(
                 f"LibraGrad on model '{name}': no rule for the attention module {type(m).__name__}; "
@@ -347,8 +444,11 @@ def libragrad(
     handles = []
     _ACTIVE.add(model)
     try:
-        for module, hook in plan:
-            handles.append(module.register_forward_hook(hook))
+        for module, kind, hook in plan:
+            if kind == "fwd":
+                handles.append(module.register_forward_hook(hook))
+            else:
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=kind == "pre_kwargs"))
         yield resolved
     finally:
         for handle in handles:
