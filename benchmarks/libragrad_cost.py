@@ -1,9 +1,11 @@
-"""Cost of LibraGrad: one gradient pass (forward + backward to r_0) plain vs under `libragrad(model)`.
+"""Cost of LibraGrad: one gradient pass (forward + backward to r_0) plain vs under `libragrad(model, preset)`.
 
-Interleaved runs (plain, LibraGrad, plain, ...), best of N each, one process; prints the ratio.
+Interleaved runs (plain, preset 1, preset 2, ..., plain, ...), best of N each, one process; prints each preset's
+time and its ratio to the plain pass (and, on CUDA, the peak memory of one pass of each kind).
 
     .venv/bin/python benchmarks/libragrad_cost.py                       # FashionGrid ViT on the CPU
-    .venv/bin/python benchmarks/libragrad_cost.py --model vit_base_patch16_224 --batch 32 --device cuda
+    .venv/bin/python benchmarks/libragrad_cost.py --model vit_base_patch16_224 --batch 64 --device cuda \\
+        --dtype bfloat16 --presets full wo_head attnlrp
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from caap.methods.libragrad import libragrad
+from caap.methods.libragrad import PRESETS, libragrad
 from caap.models.build import build_model
 
 
@@ -26,7 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed passes of each kind (best is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--preset", default="full")
+    parser.add_argument("--presets", nargs="+", default=["full"], choices=sorted(PRESETS))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -38,39 +40,50 @@ def main() -> None:
     images = torch.rand(args.batch, 3, *size, device=device)
     target = torch.zeros(args.batch, dtype=torch.long, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    cuda = device.type == "cuda"
 
     def sync() -> None:
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
 
-    def grad_pass(rewired: bool) -> float:
+    def grad_pass(preset: str | None) -> float:
         with torch.no_grad():
             r0 = model.embed(images)
         r0.requires_grad_(True)
         sync()
         start = time.perf_counter()
-        with torch.enable_grad(), autocast, libragrad(model, args.preset if rewired else False):
+        with torch.enable_grad(), autocast, libragrad(model, preset or False):
             logits = model.head(model.forward_blocks(r0))
-            torch.autograd.grad(logits.gather(1, target[:, None]).sum(), r0)
+            torch.autograd.grad(logits.gather(1, target[:, None]).float().sum(), r0)
         sync()
         return time.perf_counter() - start
 
-    for _ in range(3):  # warm-up (kernels, allocator)
-        grad_pass(False)
-        grad_pass(True)
-    plain, rewired = [], []
+    kinds: list[str | None] = [None, *args.presets]
+    for _ in range(3):  # warm-up (kernels, allocator, autotuning)
+        for kind in kinds:
+            grad_pass(kind)
+    peak: dict[str | None, float] = {}
+    if cuda:
+        for kind in kinds:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            grad_pass(kind)
+            peak[kind] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    times: dict[str | None, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.repeats):
-        plain.append(grad_pass(False))
-        rewired.append(grad_pass(True))
-    best_plain, best_rewired = min(plain), min(rewired)
+        for kind in kinds:
+            times[kind].append(grad_pass(kind))
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(
-        f"model={args.model} device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})"
-        f" dtype={args.dtype} batch={args.batch} preset={args.preset} repeats={args.repeats}"
+        f"model={args.model} device={device} ({name}) dtype={args.dtype} batch={args.batch} "
+        f"repeats={args.repeats} (best of each kind, interleaved)"
     )
-    print(
-        f"gradient pass, best of {args.repeats}: plain {best_plain * 1e3:.2f} ms, LibraGrad {best_rewired * 1e3:.2f} ms"
-    )
-    print(f"ratio LibraGrad / plain: {best_rewired / best_plain:.3f}")
+    plain = min(times[None])
+    for kind in kinds:
+        best = min(times[kind])
+        memory = f"  peak {peak[kind]:8.1f} MiB" if cuda else ""
+        label = kind or "plain"
+        print(f"  {label:10s} {best * 1e3:9.2f} ms  ratio {best / plain:6.3f}{memory}")
 
 
 if __name__ == "__main__":
