@@ -1,37 +1,58 @@
 #!/usr/bin/env bash
-# GPU checks for CAAP (arXiv 2603.13652), one prepared script for a CUDA machine:
-#   1. `pytest -m gpu`: the engine on CUDA in bf16 with fused attention agrees with fp32 (and fp32 with the
-#      per-patch reference loop);
-#   2. the speed benchmark on vit_base_patch16_224 (random weights), 224 px, start=4 of 12, bf16 autocast, fused
-#      attention: images/s of the engine vs Captum FeatureAblation and the reference loop, peak memory, and model
-#      FLOP utilisation = images/s x 196 patched passes x (12-4)/12 x ~35 GFLOP / peak (H100 bf16 dense: 989 TFLOP/s).
-# Usage: scripts/gpu_check.sh [IMAGES]   (env: PEAK_TFLOPS, default 989; OUT: folder for the JSON rows)
-set -euo pipefail
+# GPU checks, one prepared script for a CUDA machine (about 5 minutes on an H100):
+#   1. `pytest -m gpu`: CAAP on CUDA in bf16 with fused attention agrees with fp32 (and fp32 with the per-patch
+#      reference loop); LibraGrad's value-only attention backward equals the explicit path on CUDA kernels and
+#      FullGrad+ stays complete;
+#   2. CAAP speed on vit_base_patch16_224 (random weights), 224 px, start=4 of 12, bf16 autocast, fused
+#      attention: images/s of the engine vs Captum FeatureAblation and the reference loop, peak memory, MFU;
+#   3. LibraGrad cost on vit_base_patch16_224, batch 64, fp32 and bf16: plain vs full / wo_head / attnlrp;
+#   4. metric speed (benchmarks/metric_speed.py) on the FashionGrid model, batched vs one forward per step.
+# Usage: scripts/gpu_check.sh [IMAGES]   (env: PEAK_TFLOPS, default 989; OUT: folder for logs and JSON rows)
+# Without a .venv (a bare GPU machine with torch installed), it uses python3 with PYTHONPATH=src, after
+# installing the wheels carried in .whl/ (hydra-core, omegaconf, antlr4, captum, timm) into /tmp/site.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 IMAGES="${1:-64}"
 PEAK_TFLOPS="${PEAK_TFLOPS:-989}"
 OUT_DIR="${OUT:-outputs}"
 mkdir -p "$OUT_DIR"
-export WANDB_MODE=offline
+export WANDB_MODE=offline PYTHONUNBUFFERED=1
 
-if [ ! -x .venv/bin/python ]; then
-  echo "== .venv missing: make setup"
-  make setup
+if [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  PY=python3
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
-PY=.venv/bin/python
 
 echo "== device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; \
-print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+"$PY" -c "import torch, timm; assert torch.cuda.is_available(), 'no CUDA device visible to torch'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'timm', timm.__version__)"
 
-echo "== pytest -m gpu"
 status=0
-timeout 300 "$PY" -m pytest -q -m gpu tests/test_caap.py -p no:cacheprovider || status=$?
+step() {  # step NAME SECONDS CMD...: run with a time limit, keep going, remember failures
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "!! $name failed (rc=$rc)"; status=1; }
+}
 
-echo "== benchmark: vit_base_patch16_224, 224 px, start=4/12, bf16, fused attention, ${IMAGES} images"
-timeout 300 "$PY" benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 \
+step pytest_gpu 240 "$PY" -m pytest -q -m gpu tests/test_caap.py tests/test_libragrad.py -p no:cacheprovider
+step libragrad_cost_fp32 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
+  --batch 64 --repeats 10 --presets full wo_head attnlrp
+step libragrad_cost_bf16 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
+  --batch 64 --repeats 10 --dtype bfloat16 --presets full wo_head attnlrp
+if [ -f benchmarks/metric_speed.py ]; then
+  step metric_speed 150 "$PY" benchmarks/metric_speed.py --device cuda
+fi
+step caap_speed 240 "$PY" benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 \
   --start 4 --images "$IMAGES" --ref-images 2 --repeats 2 --peak-tflops "$PEAK_TFLOPS" \
-  --json "$OUT_DIR/caap_gpu_bench.json" || status=$?
-
+  --json "$OUT_DIR/caap_gpu_bench.json"
 exit "$status"

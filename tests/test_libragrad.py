@@ -464,3 +464,32 @@ def test_genatt_matches_an_explicit_rollout() -> None:
         rel = rel + (a * g).clamp(min=0).mean(1) @ rel  # Chefer's update; ours is this times 0.5 per block
     expected = rel[:, 0, 1:].reshape(2, 8, 8) * 0.5 ** len(attns)
     torch.testing.assert_close(ours, expected.detach(), rtol=1e-4, atol=1e-9)
+
+
+# -- GPU -----------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["cls", "registers"])
+def test_cuda_value_only_attention_and_completeness(variant: str) -> None:
+    """On CUDA (flash / efficient SDPA kernels): the rewired fused gradient equals the explicit path's, and
+    LibraGrad FullGrad+ stays complete in float64."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model(VARIANTS[variant]).cuda()
+    images, target = _images(4).cuda(), torch.tensor([1, 2, 3, 4], device="cuda")
+    with torch.no_grad():
+        r0 = model.embed(images)
+
+    def grad_r0() -> torch.Tensor:
+        x = r0.clone().requires_grad_(True)
+        with torch.enable_grad(), libragrad(model, "wo_head"):
+            logits = model.head(model.forward_blocks(x))
+            return torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)[0]
+
+    fused = grad_r0()
+    set_fused_attn(model, False)
+    explicit = grad_r0()
+    set_fused_attn(model, True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-3, atol=1e-5)
+    model64 = model.double()
+    gap = _gap(FullGradPlus(libragrad="wo_head"), model64, images.double(), target)
+    assert gap.max() < 1e-8, gap
