@@ -11,6 +11,7 @@ time and its ratio to the plain pass (and, on CUDA, the peak memory of one pass 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -30,7 +31,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--presets", nargs="+", default=["full"], choices=sorted(PRESETS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--attention-backward",
+        default=None,
+        choices=["auto", "value_only", "sdpa"],
+        help="LibraGrad's fused-attention backward (env CAAP_LIBRAGRAD_ATTENTION_BACKWARD)",
+    )
+    parser.add_argument("--profile", action="store_true", help="also print the top ops of plain vs preset 1")
     args = parser.parse_args()
+    if args.attention_backward:
+        os.environ["CAAP_LIBRAGRAD_ATTENTION_BACKWARD"] = args.attention_backward
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -73,10 +83,21 @@ def main() -> None:
     for _ in range(args.repeats):
         for kind in kinds:
             times[kind].append(grad_pass(kind))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        for kind in (None, args.presets[0]):
+            with profile(activities=activities) as prof:
+                grad_pass(kind)
+            print(f"-- profile: {kind or 'plain'}")
+            print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(
         f"model={args.model} device={device} ({name}) dtype={args.dtype} batch={args.batch} "
-        f"repeats={args.repeats} (best of each kind, interleaved)"
+        f"repeats={args.repeats} attention_backward="
+        f"{os.environ.get('CAAP_LIBRAGRAD_ATTENTION_BACKWARD', 'auto')} (best of each kind, interleaved)"
     )
     plain = min(times[None])
     for kind in kinds:

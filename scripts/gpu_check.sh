@@ -5,7 +5,8 @@
 #      FullGrad+ stays complete;
 #   2. CAAP speed on vit_base_patch16_224 (random weights), 224 px, start=4 of 12, bf16 autocast, fused
 #      attention: images/s of the engine vs Captum FeatureAblation and the reference loop, peak memory, MFU;
-#   3. LibraGrad cost on vit_base_patch16_224, batch 64, fp32 and bf16: plain vs full / wo_head / attnlrp;
+#   3. LibraGrad cost on vit_base_patch16_224, batch 64, fp32 and bf16, both fused-attention backwards:
+#      plain vs full and the ablations, and a kernel profile of plain vs full in bf16;
 #   4. metric speed (benchmarks/metric_speed.py) on the FashionGrid model, batched vs one forward per step.
 # Usage: scripts/gpu_check.sh [IMAGES]   (env: PEAK_TFLOPS, default 989; OUT: folder for logs and JSON rows)
 # Without a .venv (a bare GPU machine with torch installed), it uses python3 with PYTHONPATH=src, after
@@ -45,10 +46,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep going, remembe
 }
 
 step pytest_gpu 240 "$PY" -m pytest -q -m gpu tests/test_caap.py tests/test_libragrad.py -p no:cacheprovider
-step libragrad_cost_fp32 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
-  --batch 64 --repeats 10 --presets full wo_head attnlrp
-step libragrad_cost_bf16 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
-  --batch 64 --repeats 10 --dtype bfloat16 --presets full wo_head attnlrp
+for dtype in float32 bfloat16; do
+  for backward in value_only sdpa; do
+    step "libragrad_cost_${dtype}_${backward}" 90 "$PY" benchmarks/libragrad_cost.py --device cuda \
+      --model vit_base_patch16_224 --batch 64 --repeats 10 --dtype "$dtype" --attention-backward "$backward" \
+      --presets full wo_att wo_ln wo_act attnlrp
+  done
+done
+step libragrad_profile_bf16 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
+  --batch 64 --repeats 2 --dtype bfloat16 --presets full --profile
 if [ -f benchmarks/metric_speed.py ]; then
   step metric_speed 150 "$PY" benchmarks/metric_speed.py --device cuda
 fi

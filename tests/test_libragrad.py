@@ -271,6 +271,26 @@ def test_rules_equal_the_official_swap_backward_formulation(variant: str) -> Non
         assert not torch.allclose(grad_r0(), official)  # the rules do change the gradient
 
 
+def test_attention_backward_choices_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Value-only attention backward and SDPA's own (q, k detached) give the same gradient; bad choice fails."""
+    model = _model()
+    images, target = _images(2), torch.tensor([0, 5])
+
+    def grad() -> torch.Tensor:
+        x = images.clone().requires_grad_(True)
+        with torch.enable_grad(), libragrad(model, "full"):
+            return torch.autograd.grad(model(x).gather(1, target[:, None]).sum(), x)[0]
+
+    results = {}
+    for choice in ("value_only", "sdpa"):
+        monkeypatch.setenv("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", choice)
+        results[choice] = grad()
+    torch.testing.assert_close(results["value_only"], results["sdpa"], rtol=1e-4, atol=1e-7)
+    monkeypatch.setenv("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", "flash")
+    with pytest.raises(ValueError, match="CAAP_LIBRAGRAD_ATTENTION_BACKWARD='flash'"):
+        grad()
+
+
 def test_gate_rule_at_zero_is_one_half() -> None:
     """The gate is read off the output (y / x); at x = 0 (0 / 0) it is Phi(0) = sigmoid(0) = 1/2, not NaN."""
     model = _model()
@@ -470,10 +490,15 @@ def test_genatt_matches_an_explicit_rollout() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("variant", ["cls", "registers"])
-def test_cuda_value_only_attention_and_completeness(variant: str) -> None:
+@pytest.mark.parametrize("backward", ["value_only", "sdpa"])
+def test_cuda_value_only_attention_and_completeness(
+    variant: str, backward: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CUDA (flash / efficient SDPA kernels): the rewired fused gradient equals the explicit path's, and
     LibraGrad FullGrad+ stays complete in float64."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setenv("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", backward)
     model = _model(VARIANTS[variant]).cuda()
     images, target = _images(4).cuda(), torch.tensor([1, 2, 3, 4], device="cuda")
     with torch.no_grad():

@@ -40,6 +40,7 @@ error naming the model rather than silently giving non-LibraGrad gradients.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -159,36 +160,63 @@ class _FrozenScaleNorm(torch.autograd.Function):
 
     LayerNorm (`center`): `y = (x - mean x) * rstd * w + b` with rstd constant, so `dx = (gw - mean gw) * rstd`,
     `gw = dy * w`. RMSNorm: `y = x * rstd * w` with rstd constant, `dx = gw * rstd`. Equivalent to
-    `swap_backward(y, rule(x))`, but computes nothing extra in forward, and for LayerNorm not even rstd in
-    backward: it is the one the forward kernel saved for its own (now unused) backward node.
+    `swap_backward(y, rule(x))`, but computes nothing extra in forward. For LayerNorm the backward is one
+    fused kernel: ATen's own LayerNorm backward, given the rstd its forward saved and an input equal to the
+    mean (zeros for both), in which x_hat = 0, which is exactly the sigma-detached rule
+    `rstd * (gw - mean gw - x_hat * mean(gw * x_hat))` with the last term gone.
     """
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias, rstd, ndim: int, eps: float, center: bool):  # type: ignore[override]
+    def forward(ctx, x, y, weight, bias, rstd, ndim: int, eps: float, center: bool, zeros):  # type: ignore[override]
         ctx.save_for_backward(x, weight, rstd)
-        ctx.ndim, ctx.eps, ctx.center = ndim, eps, center
+        ctx.ndim, ctx.eps, ctx.center, ctx.zeros = ndim, eps, center, zeros
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
         dims = tuple(range(-ctx.ndim, 0))
-        xf, gf = _low_precision(x), _low_precision(grad)
-        if rstd is None:  # RMSNorm, or a LayerNorm whose forward kept no statistics
-            centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
-            rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
-        gw = gf * weight.to(gf.dtype) if weight is not None else gf
-        if ctx.center:
-            gw = gw - gw.mean(dims, keepdim=True)
-        gx = gw.mul_(rstd).to(x.dtype) if gw is not gf else (gw * rstd).to(x.dtype)
         lead = tuple(range(x.ndim - ctx.ndim))
         gweight = gbias = None
+        if ctx.center and rstd is not None and rstd.dtype in (grad.dtype, torch.float32):
+            zero_x = ctx.zeros(grad.shape, grad.dtype, grad.device)
+            zero_mean = ctx.zeros(rstd.shape, rstd.dtype, rstd.device)
+            shape = list(x.shape[x.ndim - ctx.ndim :])
+            gx = torch.ops.aten.native_layer_norm_backward(
+                grad, zero_x, shape, zero_mean, rstd, weight, None, [True, False, False]
+            )[0].to(x.dtype)
+        else:
+            xf, gf = _low_precision(x), _low_precision(grad)
+            if rstd is None:  # RMSNorm, or a LayerNorm whose forward kept no statistics
+                centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
+                rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
+            gw = gf * weight.to(gf.dtype) if weight is not None else gf.clone()
+            if ctx.center:
+                gw = gw - gw.mean(dims, keepdim=True)
+            gx = gw.mul_(rstd).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[2]:
+            xf, gf = _low_precision(x), _low_precision(grad)
             centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
+            if rstd is None:
+                rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
             gweight = (gf * centred * rstd).sum(lead).to(weight.dtype)
         if ctx.needs_input_grad[3]:
-            gbias = gf.sum(lead).to(x.dtype)
-        return gx, None, gweight, gbias, None, None, None, None
+            gbias = _low_precision(grad).sum(lead).to(x.dtype)
+        return gx, None, gweight, gbias, None, None, None, None, None
+
+
+class _ZeroBuffers:
+    """Read-only zero tensors by (shape, dtype, device), allocated once per `libragrad` context: the inputs
+    of the fused LayerNorm-rule backward (`_FrozenScaleNorm`)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], Tensor] = {}
+
+    def __call__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (tuple(shape), dtype, device)
+        if key not in self._cache:
+            self._cache[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return self._cache[key]
 
 
 class _DetachedGate(torch.autograd.Function):
@@ -241,6 +269,20 @@ class _ValueOnlyAttention(torch.autograd.Function):
 
 
 _ATTN_CHUNK_BYTES = 1 << 30
+ATTENTION_BACKWARDS = ("auto", "value_only", "sdpa")
+
+
+def _value_only_backward(device: torch.device) -> bool:
+    """Whether fused attention under the detach_qk rule takes `_ValueOnlyAttention`'s backward or SDPA's own
+    (which computes dq and dk for nothing, but in one fused kernel). Env `CAAP_LIBRAGRAD_ATTENTION_BACKWARD`:
+    `auto` (value-only on the CPU, SDPA's on accelerators, where the flash backward kernel is the faster of
+    the two as measured by benchmarks/libragrad_cost.py on an H100), `value_only` or `sdpa`. Same gradient."""
+    choice = os.environ.get("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", "auto")
+    if choice not in ATTENTION_BACKWARDS:
+        raise ValueError(
+            f"CAAP_LIBRAGRAD_ATTENTION_BACKWARD={choice!r} is not supported; allowed: {list(ATTENTION_BACKWARDS)}"
+        )
+    return choice == "value_only" or (choice == "auto" and device.type == "cpu")
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -261,7 +303,7 @@ def _saved_rstd(out: Tensor) -> Tensor | None:
     return rstd if isinstance(rstd, Tensor) and rstd.ndim == out.ndim else None
 
 
-def _norm_hook(center: bool) -> Callable[..., Tensor | None]:
+def _norm_hook(center: bool, zeros: _ZeroBuffers) -> Callable[..., Tensor | None]:
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled() or not isinstance(out, Tensor):
             return None
@@ -270,7 +312,7 @@ def _norm_hook(center: bool) -> Callable[..., Tensor | None]:
         eps = module.eps if module.eps is not None else torch.finfo(out.dtype).eps
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         rstd = _saved_rstd(out) if center and ndim == 1 else None
-        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, bias, rstd, ndim, eps, center)
+        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, bias, rstd, ndim, eps, center, zeros)
 
     return hook
 
@@ -294,7 +336,13 @@ def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, C
     def call_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         masked = kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1
         stash.clear()
-        stash["on"] = torch.is_grad_enabled() and module.fused_attn and not masked and not module.training
+        stash["on"] = (
+            torch.is_grad_enabled()
+            and module.fused_attn
+            and not masked
+            and not module.training
+            and _value_only_backward(args[0].device)
+        )
 
     def qkv_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         if stash.get("on"):
@@ -378,14 +426,15 @@ def _plan(model: nn.Module, rules: LibraGradRules) -> list[_Hook]:
     scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
     modules = [m for part in scope for m in part.modules()]
     plan: list[_Hook] = []
+    zeros = _ZeroBuffers()
     # 1) norms first, so that the attention hooks on q_norm / k_norm see their substituted output
     for m in modules:
         if isinstance(m, nn.LayerNorm):
             if rules.layernorm:
-                plan.append((m, "fwd", _norm_hook(center=True)))
+                plan.append((m, "fwd", _norm_hook(True, zeros)))
         elif _RMS_NORMS and isinstance(m, _RMS_NORMS):
             if rules.layernorm:
-                plan.append((m, "fwd", _norm_hook(center=False)))
+                plan.append((m, "fwd", _norm_hook(False, zeros)))
         elif "norm" in type(m).__name__.lower() and not isinstance(m, nn.Identity):
             raise NotImplementedError(
                 f"LibraGrad on model '{name}': no rule for the normalisation layer {type(m).__name__}; "
