@@ -8,7 +8,8 @@
 #   3. LibraGrad cost on vit_base_patch16_224, batch 64, fp32 and bf16, both fused-attention backwards:
 #      plain vs full and the ablations, and a kernel profile of plain vs full in bf16;
 #   4. metric speed (benchmarks/metric_speed.py) on the FashionGrid model, batched vs one forward per step.
-# Usage: scripts/gpu_check.sh [IMAGES]   (env: PEAK_TFLOPS, default 989; OUT: folder for logs and JSON rows)
+# Usage: scripts/gpu_check.sh [IMAGES]   (env: PEAK_TFLOPS, default 989; OUT: folder for logs and JSON rows;
+#        SKIP_PYTEST, SKIP_LIBRAGRAD, SKIP_CAAP_SPEED: skip those steps)
 # Without a .venv (a bare GPU machine with torch installed), it uses python3 with PYTHONPATH=src, after
 # installing the wheels carried in .whl/ (hydra-core, omegaconf, antlr4, captum, timm) into /tmp/site.
 set -uo pipefail
@@ -45,20 +46,20 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep going, remembe
   [ "$rc" = 0 ] || { echo "!! $name failed (rc=$rc)"; status=1; }
 }
 
-step pytest_gpu 240 "$PY" -m pytest -q -m gpu tests/test_caap.py tests/test_libragrad.py -p no:cacheprovider
-for dtype in float32 bfloat16; do
+[ -n "${SKIP_PYTEST:-}" ] || step pytest_gpu 240 "$PY" -m pytest -q -m gpu tests/test_caap.py tests/test_libragrad.py -p no:cacheprovider
+[ -n "${SKIP_LIBRAGRAD:-}" ] || for dtype in float32 bfloat16; do
   for backward in value_only sdpa; do
     step "libragrad_cost_${dtype}_${backward}" 90 "$PY" benchmarks/libragrad_cost.py --device cuda \
       --model vit_base_patch16_224 --batch 64 --repeats 10 --dtype "$dtype" --attention-backward "$backward" \
       --presets full wo_att wo_ln wo_act attnlrp
   done
 done
-step libragrad_profile_bf16 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
+[ -n "${SKIP_LIBRAGRAD:-}" ] || step libragrad_profile_bf16 90 "$PY" benchmarks/libragrad_cost.py --device cuda --model vit_base_patch16_224 \
   --batch 64 --repeats 2 --dtype bfloat16 --presets full --profile
 if [ -f benchmarks/metric_speed.py ]; then
   step metric_speed 150 "$PY" benchmarks/metric_speed.py --device cuda
 fi
-step caap_speed 240 "$PY" benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 \
+[ -n "${SKIP_CAAP_SPEED:-}" ] || step caap_speed 240 "$PY" benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 \
   --start 4 --images "$IMAGES" --ref-images 2 --repeats 2 --peak-tflops "$PEAK_TFLOPS" \
   --json "$OUT_DIR/caap_gpu_bench.json"
 exit "$status"
