@@ -45,7 +45,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model).to(device).requires_grad_(False)  # as in AttributionModule
     size = model.model.patch_embed.img_size
     images = torch.rand(args.batch, 3, *size, device=device)
     target = torch.zeros(args.batch, dtype=torch.long, device=device)

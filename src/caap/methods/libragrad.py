@@ -164,10 +164,13 @@ class _FrozenScaleNorm(torch.autograd.Function):
     fused kernel: ATen's own LayerNorm backward, given the rstd its forward saved and an input equal to the
     mean (zeros for both), in which x_hat = 0, which is exactly the sigma-detached rule
     `rstd * (gw - mean gw - x_hat * mean(gw * x_hat))` with the last term gone.
+    The gradient flows to x only: the norm's weight and bias get none under LibraGrad (attributions need
+    input gradients; a custom Function cannot tell whether a parameter gradient is wanted, and computing it
+    every time cost more than the rule itself).
     """
 
     @staticmethod
-    def forward(ctx, x, y, weight, bias, rstd, ndim: int, eps: float, center: bool, zeros):  # type: ignore[override]
+    def forward(ctx, x, y, weight, rstd, ndim: int, eps: float, center: bool, zeros):  # type: ignore[override]
         ctx.save_for_backward(x, weight, rstd)
         ctx.ndim, ctx.eps, ctx.center, ctx.zeros = ndim, eps, center, zeros
         return y.view_as(y)
@@ -175,34 +178,23 @@ class _FrozenScaleNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight, rstd = ctx.saved_tensors
-        dims = tuple(range(-ctx.ndim, 0))
-        lead = tuple(range(x.ndim - ctx.ndim))
-        gweight = gbias = None
         if ctx.center and rstd is not None and rstd.dtype in (grad.dtype, torch.float32):
             zero_x = ctx.zeros(grad.shape, grad.dtype, grad.device)
             zero_mean = ctx.zeros(rstd.shape, rstd.dtype, rstd.device)
             shape = list(x.shape[x.ndim - ctx.ndim :])
             gx = torch.ops.aten.native_layer_norm_backward(
                 grad, zero_x, shape, zero_mean, rstd, weight, None, [True, False, False]
-            )[0].to(x.dtype)
-        else:
-            xf, gf = _low_precision(x), _low_precision(grad)
-            if rstd is None:  # RMSNorm, or a LayerNorm whose forward kept no statistics
-                centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
-                rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
-            gw = gf * weight.to(gf.dtype) if weight is not None else gf.clone()
-            if ctx.center:
-                gw = gw - gw.mean(dims, keepdim=True)
-            gx = gw.mul_(rstd).to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[2]:
-            xf, gf = _low_precision(x), _low_precision(grad)
+            )[0]
+            return gx.to(x.dtype), None, None, None, None, None, None, None
+        dims = tuple(range(-ctx.ndim, 0))
+        xf, gf = _low_precision(x), _low_precision(grad)
+        if rstd is None:  # RMSNorm, or a LayerNorm whose forward kept no statistics
             centred = xf - xf.mean(dims, keepdim=True) if ctx.center else xf
-            if rstd is None:
-                rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
-            gweight = (gf * centred * rstd).sum(lead).to(weight.dtype)
-        if ctx.needs_input_grad[3]:
-            gbias = _low_precision(grad).sum(lead).to(x.dtype)
-        return gx, None, gweight, gbias, None, None, None, None, None
+            rstd = torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + ctx.eps)
+        gw = gf * weight.to(gf.dtype) if weight is not None else gf.clone()
+        if ctx.center:
+            gw = gw - gw.mean(dims, keepdim=True)
+        return gw.mul_(rstd).to(x.dtype), None, None, None, None, None, None, None
 
 
 class _ZeroBuffers:
@@ -272,17 +264,21 @@ _ATTN_CHUNK_BYTES = 1 << 30
 ATTENTION_BACKWARDS = ("auto", "value_only", "sdpa")
 
 
-def _value_only_backward(device: torch.device) -> bool:
+def _value_only_backward(q: Tensor) -> bool:
     """Whether fused attention under the detach_qk rule takes `_ValueOnlyAttention`'s backward or SDPA's own
     (which computes dq and dk for nothing, but in one fused kernel). Env `CAAP_LIBRAGRAD_ATTENTION_BACKWARD`:
-    `auto` (value-only on the CPU, SDPA's on accelerators, where the flash backward kernel is the faster of
-    the two as measured by benchmarks/libragrad_cost.py on an H100), `value_only` or `sdpa`. Same gradient."""
+    `value_only`, `sdpa`, or `auto` (default): value-only except for half-precision q on an accelerator, where
+    the flash backward kernel is the faster of the two. Measured by benchmarks/libragrad_cost.py (ViT-B/16,
+    batch 64, H100): value-only wins in fp32 (1.03x vs 1.08x a plain pass), SDPA's in bf16 (1.41x vs 1.76x),
+    and value-only on the CPU. The gradient is the same either way."""
     choice = os.environ.get("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", "auto")
     if choice not in ATTENTION_BACKWARDS:
         raise ValueError(
             f"CAAP_LIBRAGRAD_ATTENTION_BACKWARD={choice!r} is not supported; allowed: {list(ATTENTION_BACKWARDS)}"
         )
-    return choice == "value_only" or (choice == "auto" and device.type == "cpu")
+    if choice == "auto":
+        return q.device.type == "cpu" or q.dtype not in (torch.float16, torch.bfloat16)
+    return choice == "value_only"
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -310,9 +306,10 @@ def _norm_hook(center: bool, zeros: _ZeroBuffers) -> Callable[..., Tensor | None
         shape = module.normalized_shape
         ndim = 1 if isinstance(shape, int) else len(shape)
         eps = module.eps if module.eps is not None else torch.finfo(out.dtype).eps
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        weight = getattr(module, "weight", None)
+        weight = weight.detach() if weight is not None else None
         rstd = _saved_rstd(out) if center and ndim == 1 else None
-        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, bias, rstd, ndim, eps, center, zeros)
+        return _FrozenScaleNorm.apply(args[0], out.detach(), weight, rstd, ndim, eps, center, zeros)
 
     return hook
 
@@ -336,13 +333,7 @@ def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, C
     def call_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         masked = kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1
         stash.clear()
-        stash["on"] = (
-            torch.is_grad_enabled()
-            and module.fused_attn
-            and not masked
-            and not module.training
-            and _value_only_backward(args[0].device)
-        )
+        stash["on"] = torch.is_grad_enabled() and module.fused_attn and not masked and not module.training
 
     def qkv_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
         if stash.get("on"):
@@ -364,7 +355,7 @@ def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, C
             return None
         q, k, qkv = stash.pop("q"), stash.pop("k"), stash.pop("qkv")
         stash.clear()
-        if not qkv.requires_grad:
+        if not qkv.requires_grad or not _value_only_backward(q):
             return None
         b, n, _ = qkv.shape
         v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim)[:, :, 2]
