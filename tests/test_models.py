@@ -96,3 +96,15 @@ def test_shipped_weights_and_model_card() -> None:
         probs = model.probabilities(model(batch["image"]))
     ap = MultilabelAveragePrecision(num_labels=10, average="macro")(probs, batch["target"].long())
     assert ap >= 0.90
+
+
+def test_all_layer_ranges_are_every_valid_pair() -> None:
+    from caap.models.layers import all_layer_ranges, resolve_layer_range
+
+    ranges = all_layer_ranges(6)
+    assert len(ranges) == 7 * 8 // 2 == len(set(ranges))
+    assert ranges[0] == (0, 1) and ranges[-1] == (6, 7)
+    for start, stop in ranges:  # each is accepted as-is by the resolver
+        assert resolve_layer_range(start, stop, 6) == (start, stop)
+    with pytest.raises(ValueError, match="depth=0"):
+        all_layer_ranges(0)

@@ -62,3 +62,19 @@ def resolve_layer_range(
             f"0..{depth} (stop=null means through L={depth})"
         )
     return start_pos, stop_pos
+
+
+def all_layer_ranges(depth: int) -> list[tuple[int, int]]:
+    """Every valid CAAP layer range `(start, stop)` for a model with `depth` blocks, in sweep order.
+
+    The positions are `0..depth` (DESIGN.md), so the ranges are all `0 <= start < stop <= depth + 1`:
+    `(depth + 1) * (depth + 2) / 2` of them (28 for the 6-block FashionGrid ViT, 91 for ViT-B/16).
+    This is the one generator of the layer sweep (`layers=all_pairs`) and of `layers=auto`'s landscape.
+
+    Raises:
+        ValueError: when `depth` is not a positive integer.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth={depth!r} must be a positive integer (the number of blocks L)")
+    n = depth + 1
+    return [(start, stop) for start in range(n) for stop in range(start + 1, n + 1)]
