@@ -8,6 +8,8 @@ from caap.metrics.deletion_insertion import (
     TokenDeletionAUC,
     TokenInsertionAUC,
 )
+from caap.metrics.faithfulness import LIF, MIF, SRG
+from caap.metrics.rise import PixelDeletion, PixelInsertion
 
 __all__ = [
     "AttributionMetric",
@@ -16,4 +18,9 @@ __all__ = [
     "PointingGame",
     "TokenDeletionAUC",
     "TokenInsertionAUC",
+    "LIF",
+    "MIF",
+    "SRG",
+    "PixelDeletion",
+    "PixelInsertion",
 ]
