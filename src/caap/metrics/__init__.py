@@ -12,15 +12,15 @@ from caap.metrics.faithfulness import LIF, MIF, SRG
 from caap.metrics.rise import PixelDeletion, PixelInsertion
 
 __all__ = [
-    "AttributionMetric",
-    "CompletenessError",
-    "GridPointingGame",
-    "PointingGame",
-    "TokenDeletionAUC",
-    "TokenInsertionAUC",
     "LIF",
     "MIF",
     "SRG",
+    "AttributionMetric",
+    "CompletenessError",
+    "GridPointingGame",
     "PixelDeletion",
     "PixelInsertion",
+    "PointingGame",
+    "TokenDeletionAUC",
+    "TokenInsertionAUC",
 ]

@@ -95,7 +95,8 @@ class _TokenFaithfulness(CurveMetric):
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
         self.max_batch = int(max_batch)
         self._better_higher = higher_is_better(self.order, score)
-        _LIVE[id(self)] = weakref.ref(self, lambda _, key=id(self): _LIVE.pop(key, None))
+        key = id(self)
+        _LIVE[key] = weakref.ref(self, lambda _: _LIVE.pop(key, None))
 
     @property
     def needs(self) -> tuple[str, ...]:
