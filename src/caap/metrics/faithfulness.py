@@ -29,6 +29,7 @@ from caap.metrics.functional.faithfulness import (
     ORDERS,
     REMOVALS,
     check_ratios,
+    check_removal,
     check_score,
     higher_is_better,
     removal_axis,
@@ -145,6 +146,7 @@ class _TokenFaithfulness(CurveMetric):
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""
         vit = _model(self, model)
+        check_removal(vit, self.removal)  # before any forward pass
         full = unperturbed(batch, vit)
         curves = {o: score_curves(full, out, self.score_kind) for o, out in self.outcomes(batch, vit).items()}
         if self.order == "srg":

@@ -351,6 +351,7 @@ def faithfulness_curves(
     """Curves `[P, K + 1]` of `score` for `order` in mif / lif / srg (SRG: LIF curve minus MIF curve) over
     `removal_axis(ratios)`; one call computes what it needs (the metrics share this work through a cache)."""
     check_score(score)
+    check_removal(model, removal)  # before any forward pass
     needed = ORDERS if order == "srg" else (order,)
     full = unperturbed_outcomes(model, images, classes)
     pert = token_removal_outcomes(model, images, maps, classes, ratios, needed, removal, baseline, max_batch)
