@@ -8,11 +8,18 @@ from caap.metrics.deletion_insertion import (
     TokenDeletionAUC,
     TokenInsertionAUC,
 )
+from caap.metrics.faithfulness import LIF, MIF, SRG
+from caap.metrics.rise import PixelDeletion, PixelInsertion
 
 __all__ = [
+    "LIF",
+    "MIF",
+    "SRG",
     "AttributionMetric",
     "CompletenessError",
     "GridPointingGame",
+    "PixelDeletion",
+    "PixelInsertion",
     "PointingGame",
     "TokenDeletionAUC",
     "TokenInsertionAUC",
