@@ -8,12 +8,30 @@ from caap.metrics.deletion_insertion import (
     TokenDeletionAUC,
     TokenInsertionAUC,
 )
+from caap.metrics.localisation import (
+    ClassDiscrimination,
+    EnergyPointingGame,
+    SegmentationAP,
+    SegmentationMAP,
+    SegmentationMIoU,
+    SegmentationPixelAccuracy,
+    TolerantPointingGame,
+)
+from caap.metrics.sanity import CascadingRandomisation
 
 __all__ = [
     "AttributionMetric",
+    "CascadingRandomisation",
+    "ClassDiscrimination",
     "CompletenessError",
+    "EnergyPointingGame",
     "GridPointingGame",
     "PointingGame",
+    "SegmentationAP",
+    "SegmentationMAP",
+    "SegmentationMIoU",
+    "SegmentationPixelAccuracy",
     "TokenDeletionAUC",
     "TokenInsertionAUC",
+    "TolerantPointingGame",
 ]
