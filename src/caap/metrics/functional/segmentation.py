@@ -120,7 +120,7 @@ def _per_image_ap(scores: Tensor, target: Tensor) -> Tensor:
     with warnings.catch_warnings():  # rows without positives are set to NaN below
         warnings.filterwarnings("ignore", message="No positive samples")
         ap = multilabel_average_precision(
-            torch.nan_to_num(scores.float()).T.contiguous(),
+            torch.nan_to_num(scores.double()).T.contiguous(),
             target.long().T.contiguous(),
             num_labels=scores.shape[0],
             average="none",
