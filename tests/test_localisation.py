@@ -120,7 +120,10 @@ def test_class_discrimination_known_answers() -> None:
     maps = torch.tensor(
         [
             [[2.0, 1.0], [0.0, 1.0]],  # class 0: others (cells 0,1 and 1,1) hold 2 of 4
-            [[2.0, 1.0], [5.0, 0.0]],  # class 1: others (0,0 and 0,1) hold 3 of 8; the empty cell counts nowhere
+            [
+                [2.0, 1.0],
+                [5.0, 0.0],
+            ],  # class 1: others (0,0 and 0,1) hold 3 of 8; the empty cell counts nowhere
             [[1.0, 1.0], [1.0, 1.0]],  # single-class image: undefined
             [[-1.0, -1.0], [0.0, 0.0]],  # no positive attribution: undefined
         ]
@@ -173,7 +176,9 @@ def test_libragrad_ap_known_answer_and_sklearn() -> None:
     maps = torch.randn(5, 8, 8, generator=g)
     gt = torch.rand(5, 56, 56, generator=g) > 0.7
     up = F.interpolate(maps[:, None], size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
-    want = [average_precision_score(t.flatten().numpy(), s.flatten().numpy()) for t, s in zip(gt, up)]
+    want = [
+        average_precision_score(t.flatten().numpy(), s.flatten().numpy()) for t, s in zip(gt, up, strict=True)
+    ]
     torch.testing.assert_close(segmentation_average_precision(maps, gt), _f64(*want))
 
 
@@ -183,7 +188,7 @@ def test_gur_average_precision_equals_chefer_reference() -> None:
     maps = torch.randn(4, 8, 8, generator=g)
     gt = torch.rand(4, 56, 56, generator=g) > 0.6
     want = []
-    for m, t in zip(maps, gt):
+    for m, t in zip(maps, gt, strict=True):
         res = F.interpolate(m[None, None], scale_factor=7, mode="bilinear")[0, 0]
         res = (res - res.min()) / (res.max() - res.min())
         pred = torch.cat([1 - res, res]).flatten().numpy()
@@ -226,7 +231,9 @@ def test_segmentation_from_compact_map_equals_masks() -> None:
         metric.update(batch)
         torch.testing.assert_close(metric.per_sample()[2], want)
     # the ignored rows changed the answer: they are really left out
-    assert not torch.allclose(segmentation_average_precision(maps, gt), segmentation_average_precision(maps, gt, valid))
+    assert not torch.allclose(
+        segmentation_average_precision(maps, gt), segmentation_average_precision(maps, gt, valid)
+    )
 
 
 # -- Quantus cross-checks -------------------------------------------------------------------------------------
@@ -358,7 +365,9 @@ def test_class_discrimination_skips_single_class_images(caplog: pytest.LogCaptur
         value = metric.compute()
     values = metric.per_sample()[2]
     assert values[[1, 3]].isnan().all() and torch.isfinite(values[[0, 2]]).all()  # odd images: one class
-    assert torch.isfinite(value) and "single class" in caplog.text and "2 of 4 values undefined" in caplog.text
+    assert (
+        torch.isfinite(value) and "single class" in caplog.text and "2 of 4 values undefined" in caplog.text
+    )
 
 
 # -- bad inputs --------------------------------------------------------------------------------------------------
@@ -399,7 +408,10 @@ def test_bad_maps_and_masks_get_defined_values(make: type[AttributionMetric], ca
 
 def test_metrics_need_masks() -> None:
     batch = AttributionBatch(
-        images=torch.zeros(1, 3, 56, 56), maps=torch.rand(1, 8, 8), classes=torch.tensor([0]), index=torch.tensor([0])
+        images=torch.zeros(1, 3, 56, 56),
+        maps=torch.rand(1, 8, 8),
+        classes=torch.tensor([0]),
+        index=torch.tensor([0]),
     )
     for make in ALL:
         with pytest.raises(ValueError, match="masks"):
