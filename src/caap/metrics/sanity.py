@@ -41,6 +41,8 @@ class CascadingRandomisation(AttributionMetric):
         absolute: compare |maps| instead of signed maps (Adebayo et al. report both).
         ssim: also compute SSIM per stage (`extra_results` keys `ssim/<stage>`).
         seed: seed of the re-initialisation (stage s uses seed + s).
+        control: also re-run the method on the unrandomised copy (stage 'original', not in the mean): 1 for a
+            deterministic method, the reference the cascade falls from.
         method: the attribution method; None until the run's module hands over its own.
     """
 
@@ -54,6 +56,7 @@ class CascadingRandomisation(AttributionMetric):
         absolute: bool = False,
         ssim: bool = True,
         seed: int = 0,
+        control: bool = True,
         method: Any = None,
         name: str | None = None,
         **kwargs: Any,
@@ -65,6 +68,7 @@ class CascadingRandomisation(AttributionMetric):
         self.absolute = bool(absolute)
         self.with_ssim = bool(ssim)
         self.seed = int(seed)
+        self.control = bool(control)
         self.method = method
         self.stage_names: list[str] = []
         self.add_state("spearman", default=[], dist_reduce_fx="cat")  # [P, S] per update
@@ -82,7 +86,7 @@ class CascadingRandomisation(AttributionMetric):
         images, classes = batch.images, batch.classes.long()
         size = tuple(images.shape[-2:])
         rhos, ssims, names = [], [], []
-        for name, randomised in cascading_randomisation(model, self.stages, self.seed):
+        for name, randomised in cascading_randomisation(model, self.stages, self.seed, self.control):
             maps = self.method(randomised, images, classes).to(original.device).float()
             maps = maps.abs() if self.absolute else maps
             rhos.append(spearman_per_map(original, maps))
@@ -106,15 +110,19 @@ class CascadingRandomisation(AttributionMetric):
                 bad.numel(),
             )
 
+    def _summary(self, rho: Tensor) -> Tensor:
+        """Mean Spearman `[P]` over the randomised stages (the control left out; NaN-skipping)."""
+        return rho[:, int(self.control) :].nanmean(1)
+
     def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
-        """Mean Spearman over the stages `[P]` (NaN-skipping; NaN when no stage has a value)."""
+        """Mean Spearman over the randomised stages `[P]` (NaN-skipping; NaN when no stage has a value)."""
         rho, _ = self._stage_values(batch, model)
-        return rho.nanmean(1)
+        return self._summary(rho)
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
         rho, ssim = self._stage_values(batch, model)
         self._warn_undefined(rho)
-        values = self._append(rho.nanmean(1), batch)
+        values = self._append(self._summary(rho), batch)
         self.spearman.append(rho.to(values.device))
         self.ssim.append(ssim.to(values.device))
         return values

@@ -45,18 +45,22 @@ def reinitialise(module: nn.Module) -> None:
 
 @torch.no_grad()
 def cascading_randomisation(
-    model: ViTClassifier, stages: int | None = None, seed: int = 0
+    model: ViTClassifier, stages: int | None = None, seed: int = 0, control: bool = False
 ) -> Iterator[tuple[str, ViTClassifier]]:
     """Yield `(stage name, randomised copy)` for the first `stages` stages of the cascade (all: head + L blocks).
 
     One deep copy of `model` is made and randomised further at each stage (cumulative, top first), so the
     copy yielded at stage s has the head and the s-1 top blocks re-initialised; consume each before the next.
+    `control=True` first yields `('original', the unrandomised copy)`: the method re-run on the same weights,
+    the reference a deterministic method reproduces exactly (correlation 1).
     """
     names = cascade_stages(model.depth)
     n = len(names) if stages is None else int(stages)
     if not 1 <= n <= len(names):
         raise ValueError(f"stages must be in 1..{len(names)} for a {model.depth}-block model, got {stages}")
     copy_ = copy.deepcopy(model)
+    if control:
+        yield "original", copy_
     devices = [copy_.mean.device] if copy_.mean.device.type == "cuda" else []
     for s, name in enumerate(names[:n]):
         targets = _head_modules(copy_) if name == "head" else [copy_.blocks[int(name[len("block") :])]]
