@@ -51,7 +51,13 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     cfg = compose_cfg(*FAST, "logger=wandb")
     results = evaluate(cfg)
     out = Path(cfg.output_dir)
-    assert set(results) == {"deletion", "insertion", "grid_pointing"}
+    assert set(results) == {
+        "deletion",
+        "insertion",
+        "grid_pointing",
+        "energy_pointing",
+        "class_discrimination",
+    }
     assert all(0.0 <= v <= 1.0 for v in results.values())
 
     written = json.loads((out / "metrics.json").read_text())
@@ -99,7 +105,13 @@ def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:
 def test_evaluate_fashiongrid_shipped_model(compose_cfg) -> None:
     cfg = compose_cfg("logger=csv", "data.limit=8", "data.batch_size=4", "media_images=0")
     results = evaluate(cfg)
-    assert set(results) == {"deletion", "insertion", "grid_pointing"}
+    assert set(results) == {
+        "deletion",
+        "insertion",
+        "grid_pointing",
+        "energy_pointing",
+        "class_discrimination",
+    }
     # the trained model's gradient maps point at the right cell far more often than chance (0.25 on average)
     assert results["grid_pointing"] > 0.35
     assert results["insertion"] > results["deletion"]
