@@ -51,7 +51,7 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     cfg = compose_cfg(*FAST, "logger=wandb")
     results = evaluate(cfg)
     out = Path(cfg.output_dir)
-    assert set(results) == {"mif", "lif", "srg", "grid_pointing"}
+    assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
     assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
 
     written = json.loads((out / "metrics.json").read_text())
@@ -99,7 +99,8 @@ def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:
 def test_evaluate_fashiongrid_shipped_model(compose_cfg) -> None:
     cfg = compose_cfg("logger=csv", "data.limit=8", "data.batch_size=4", "media_images=0")
     results = evaluate(cfg)
-    assert set(results) == {"mif", "lif", "srg", "grid_pointing"}
+    assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
+    assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
     # the trained model's gradient maps point at the right cell far more often than chance (0.25 on average)
     assert results["grid_pointing"] > 0.35
     assert results["lif"] > results["mif"] and results["srg"] > 0

@@ -46,6 +46,9 @@ class AttributionModule(L.LightningModule):
         self.per_sample: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
+        for metric in metrics.values():  # metrics that re-run the method (sanity checks) get the run's method
+            if getattr(metric, "requires_method", False) and getattr(metric, "method", None) is None:
+                metric.method = method
 
     def select_targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """`(rows [P], classes [P])`: which image of the batch each map explains, and for which class."""
@@ -92,5 +95,9 @@ class AttributionModule(L.LightningModule):
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
+                for key, value in getattr(metric, "extra_per_sample", dict)().items():
+                    self.per_sample[f"{name}/{key}"] = value
+                for key, value in getattr(metric, "extra_results", dict)().items():
+                    self.results[f"{name}/{key}"] = float(value)
         if self.results:
             self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)
