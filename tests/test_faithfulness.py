@@ -361,6 +361,12 @@ def test_metrics_share_forward_passes(cls_model: ViTClassifier) -> None:
     single = MIF(score="prob", ratios=ratios)
     single.update(_batch(images, maps, classes), cls_model)  # a fresh batch: computed again, same values
     torch.testing.assert_close(single.compute(), metrics[0].compute())
+    # the metric's value is the trapezoid area of the plain loop's curve, including the unmasked end
+    logit = MIF(score="logit", ratios=ratios)
+    logit.update(_batch(images, maps, classes), cls_model)
+    ref = _plain_token_curve(cls_model, images, maps, classes, ratios, "mif").double()
+    want = torch.trapezoid(ref, x=torch.tensor([0.0, *ratios], dtype=torch.float64), dim=1).mean()
+    torch.testing.assert_close(logit.compute(), want, atol=1e-5, rtol=0)
 
 
 def _fake_ddp(rank0: AttributionMetric, rank1: AttributionMetric) -> None:
