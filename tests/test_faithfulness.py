@@ -190,7 +190,7 @@ def test_token_drop_equals_plain_loop(name: str, kwargs: dict | None) -> None:
 def test_token_replace_equals_plain_loop(cls_model: ViTClassifier) -> None:
     images, maps, classes = _inputs(2, seed=3)
     ratios = [0.25, 0.5, 1.0]
-    for baseline in ("black", "zero", {"kind": "blur", "sigma": 2.0}):
+    for baseline in ("black", "zero", "mean", {"kind": "blur", "sigma": 2.0}):
         got = token_removal_outcomes(
             cls_model, images, maps, classes, ratios, ("mif", "lif"), "replace", baseline, max_batch=5
         )
@@ -436,6 +436,10 @@ def test_bad_arguments_fail_early() -> None:
         SRG(ratios=[0.5, 0.2])
     with pytest.raises(ValueError, match="baseline"):
         PixelDeletion(baseline="noise")
+    with pytest.raises(ValueError, match="allowed kinds"):
+        MIF(removal="replace", baseline={"kind": "noise"})
+    with pytest.raises(ValueError, match="sigma"):
+        SRG(removal="replace", baseline={"kind": "blur", "sigma": -1})
     with pytest.raises(ValueError, match="steps"):
         PixelInsertion(steps=0)
     with pytest.raises(ValueError, match="score"):
