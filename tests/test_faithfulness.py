@@ -444,3 +444,35 @@ def test_bad_arguments_fail_early() -> None:
         PixelInsertion(steps=0)
     with pytest.raises(ValueError, match="score"):
         PixelInsertion(score="aopc")
+
+
+def test_patch_deletion_equals_quantus_region_perturbation(cls_model: ViTClassifier) -> None:
+    """Cross-check with Quantus 0.6 RegionPerturbation (MoRF, 7x7 regions = the model's patches, black 0.0
+    baseline, logits): our pixel deletion with nearest upsampling and K = 64 steps removes one whole patch a
+    step in map order; Quantus reports the drop logit_0 - logit_k."""
+    quantus = pytest.importorskip("quantus")
+    images, maps, classes = _inputs(2, seed=11)  # random patch values: no ties between patches
+    ours = pixel_perturbation_outcomes(
+        cls_model, images, maps, classes, "deletion", "black", 64, "nearest", 256
+    )
+    metric = quantus.RegionPerturbation(
+        patch_size=7,
+        regions_evaluation=64,
+        order="morf",
+        normalise=False,
+        abs=False,
+        perturb_baseline=0.0,
+        disable_warnings=True,
+    )
+    up = F.interpolate(maps[:, None], size=(56, 56), mode="nearest")
+    theirs = metric(
+        model=cls_model,
+        x_batch=images.numpy(),
+        y_batch=classes.numpy(),
+        a_batch=up.numpy(),
+        device="cpu",
+        softmax=False,
+        channel_first=True,
+    )
+    drop = (ours.logit[:, :1] - ours.logit[:, 1:]).numpy()
+    np.testing.assert_allclose(np.asarray(theirs), drop, atol=3e-5, rtol=0)
