@@ -19,8 +19,10 @@ Per removal ratio the curve holds one of these scores of the target class (`SCOR
 | `aopc`     | p_0 - p_r (LibraGrad's per-ratio AOPC)             | higher     | lower      |
 | `log_odds` | log p_0 - log p_r (LibraGrad's "LOdds")            | higher     | lower      |
 
-(`aopc` and `log_odds` are drops from the unperturbed value, as in PyNight's `compute_aopc_lodds` that the
-LibraGrad harness calls, so they flip the direction.) The area is the trapezoid rule over the ratio axis
+(`top1` asks whether the target is the model's arg-max class; on a multi-label image only one present class
+can be, so its unperturbed value averages below 1 under target=label. `aopc` and `log_odds` are drops from
+the unperturbed value, as in PyNight's `compute_aopc_lodds` that the LibraGrad harness calls, so they flip
+the direction.) The area is the trapezoid rule over the ratio axis
 *including the unmasked end* r = 0 (`removal_axis`): with the default ratios 0.1 .. 0.9 the x axis is
 0, 0.1, ..., 0.9, as in LibraGrad's tables. The unperturbed value comes from one plain forward.
 
