@@ -30,7 +30,7 @@ from caap.metrics.functional.faithfulness import Outcomes, outcomes_from_logits
 from caap.models.vit import ViTClassifier
 
 PIXEL_MODES: tuple[str, ...] = ("deletion", "insertion")
-PIXEL_BASELINES: tuple[str, ...] = ("zero", "black", "mean_color", "blur")
+PIXEL_BASELINES: tuple[str, ...] = ("zero", "mean", "black", "mean_color", "blur")
 UPSAMPLING: tuple[str, ...] = ("bilinear", "nearest")
 RISE_BLUR: dict[str, Any] = {"kind": "blur", "sigma": 5.0, "kernel_size": 11}
 
@@ -68,7 +68,7 @@ def baseline_images(model: ViTClassifier, images: Tensor, baseline: str | Mappin
     kind = options.get("kind")
     if kind not in PIXEL_BASELINES:
         raise ValueError(f"baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}")
-    if kind == "zero":
+    if kind in ("zero", "mean"):  # a zero input after normalisation = the model's mean colour
         options = {"kind": "mean_color"}
     elif kind == "blur":
         options = {**RISE_BLUR, **options}
