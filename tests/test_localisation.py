@@ -27,7 +27,6 @@ from caap.metrics import (
 from caap.metrics.functional import (
     bounding_boxes,
     class_discrimination,
-    dilate,
     energy_pointing_game,
     gur_average_precision,
     mean_iou,
@@ -46,17 +45,6 @@ def _f64(*values: float) -> Tensor:
 
 
 # -- pointing game with a tolerance -----------------------------------------------------------------------
-def test_dilate_disk() -> None:
-    m = torch.zeros(1, 9, 9, dtype=torch.bool)
-    m[0, 4, 4] = True
-    assert int(dilate(m, 0).sum()) == 1
-    assert int(dilate(m, 1).sum()) == 5  # the plus: distance 1 only along the axes
-    assert int(dilate(m, 1.5).sum()) == 9  # diagonal neighbours at sqrt(2)
-    assert int(dilate(m, 2).sum()) == 13
-    with pytest.raises(ValueError, match="tolerance must be >= 0"):
-        dilate(m, -1)
-
-
 def test_tolerant_pointing_game_known_answers() -> None:
     # 8x8 grid on 56x56 pixels (7 px patches); the mask is the single pixel (30, 30), in patch (4, 4)
     mask = torch.zeros(2, 56, 56, dtype=torch.bool)
@@ -69,6 +57,27 @@ def test_tolerant_pointing_game_known_answers() -> None:
     assert tolerant_pointing_game(maps, mask, 10).tolist() == [0.0, 1.0]
     assert tolerant_pointing_game(maps, mask, 33).tolist() == [0.0, 1.0]
     assert tolerant_pointing_game(maps, mask, 34).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        tolerant_pointing_game(maps, mask, -1)
+
+
+def test_tolerant_pointing_game_equals_dilated_mask_reference() -> None:
+    """Plain reference: grow the mask by a Euclidean disk (every pixel within `t` of a mask pixel), then the
+    plain pointing game on the grown mask; uneven grid (7 x 5 patches on 30 x 23 pixels) included."""
+    g = torch.Generator().manual_seed(8)
+    for grid, size in [((8, 8), (56, 56)), ((7, 5), (30, 23))]:
+        maps = torch.randn(12, *grid, generator=g)
+        masks = torch.rand(12, *size, generator=g) > 0.995
+        masks[0] = False
+        masks[0, 3, 4] = True
+        for t in (0, 1, 2.5, 6, 15):
+            r = int(t)
+            off = torch.arange(-r, r + 1, dtype=torch.float32)
+            disk = ((off[:, None] ** 2 + off[None, :] ** 2) <= t**2).float()[None, None]
+            grown = F.conv2d(masks[:, None].float(), disk, padding=r)[:, 0] > 0.5
+            want = pointing_game(maps, grown)
+            want[~masks.flatten(1).any(1)] = float("nan")
+            torch.testing.assert_close(tolerant_pointing_game(maps, masks, t), want, equal_nan=True)
 
 
 def test_tolerance_zero_is_the_plain_pointing_game() -> None:
