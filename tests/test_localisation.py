@@ -246,9 +246,8 @@ def test_segmentation_from_compact_map_equals_masks() -> None:
 
 
 # -- Quantus cross-checks -------------------------------------------------------------------------------------
-quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
-
-
+# Quantus (pip package quantus, in the dev extras) is the reference here; where it cannot be imported these two
+# tests skip, and the plain references above (dilated-mask pointing game, scikit-learn AP) still run.
 def _upsampled(maps: Tensor) -> np.ndarray:
     """Nearest-upsampled maps `[P, 1, H, W]` as Quantus takes them (the pixel reading of a patch map)."""
     return F.interpolate(maps[:, None], scale_factor=7, mode="nearest").numpy()
@@ -257,6 +256,7 @@ def _upsampled(maps: Tensor) -> np.ndarray:
 def test_pointing_game_equals_quantus() -> None:
     """Quantus' PointingGame (`hit = any(mask at max(a))`) on the nearest-upsampled map: all pixels of the arg-max
     patch tie at the maximum, so it equals our pointing game whenever the map has a unique maximum patch."""
+    quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
     g = torch.Generator().manual_seed(6)
     maps = torch.randn(24, 8, 8, generator=g)  # continuous: a unique maximum patch
     masks = torch.rand(24, 56, 56, generator=g) > 0.99  # sparse: hits and misses
@@ -271,6 +271,7 @@ def test_pointing_game_equals_quantus() -> None:
 def test_energy_share_equals_quantus_relevance_mass_accuracy() -> None:
     """Quantus' RelevanceMassAccuracy (attribution on the mask / total) equals the mask energy share for
     non-negative maps (where the positive part is the map itself)."""
+    quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
     g = torch.Generator().manual_seed(7)
     maps = torch.rand(12, 8, 8, generator=g)
     masks = torch.rand(12, 56, 56, generator=g) > 0.8
