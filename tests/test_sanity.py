@@ -73,6 +73,15 @@ def test_cascade_randomises_top_down_on_a_copy(trained: ViTClassifier) -> None:
     for name, model in cascading_randomisation(trained, stages=2, seed=0):  # seeded: same weights every call
         if name == "block5":
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    # independent randomisation: each stage changes only its own layers of the trained weights
+    for name, model in cascading_randomisation(trained, stages=3, seed=0, control=True, cumulative=False):
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, original[k])}
+        if name == "original":
+            assert changed == set()
+        elif name == "head":
+            assert changed == seen[1][1]
+        else:
+            assert changed == seen[names.index(name)][1] - seen[names.index(name) - 1][1]
     with pytest.raises(ValueError, match=r"stages must be in 1\.\.7"):
         next(cascading_randomisation(trained, stages=8))
 
