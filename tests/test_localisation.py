@@ -189,6 +189,10 @@ def test_libragrad_ap_known_answer_and_sklearn() -> None:
         average_precision_score(t.flatten().numpy(), s.flatten().numpy()) for t, s in zip(gt, up, strict=True)
     ]
     torch.testing.assert_close(segmentation_average_precision(maps, gt), _f64(*want))
+    # a single pair (a batch of one map) and no pair at all
+    torch.testing.assert_close(segmentation_average_precision(maps[:1], gt[:1]), _f64(want[0]))
+    torch.testing.assert_close(gur_average_precision(maps[:1], gt[:1]), gur_average_precision(maps, gt)[:1])
+    assert segmentation_average_precision(maps[:0], gt[:0]).shape == (0,)
 
 
 def test_gur_average_precision_equals_chefer_reference() -> None:
