@@ -208,3 +208,22 @@ def test_sanity_config_end_to_end(compose_cfg, tmp_path: Path) -> None:
     with open(Path(cfg.output_dir) / "per_image.csv") as fh:
         header = next(csv.reader(fh))
     assert {"sanity", "sanity/head", "sanity/block5"} <= set(header)
+
+
+@pytest.mark.ddp
+def test_localisation_and_sanity_ddp_sim_equal_one_process(compose_cfg, tmp_path: Path) -> None:
+    """Two real processes (gloo): padded ranks, a one-map batch, per-stage extra results, dataset-level sums."""
+    common = [
+        "metric=localisation",
+        "+metric.sanity={_target_:caap.metrics.CascadingRandomisation,stages:2}",
+        "method=input_x_gradient",
+        "data.limit=5",
+        "data.batch_size=2",
+        "logger=csv",
+        "media_images=0",
+    ]
+    single = evaluate(compose_cfg(*common, f"output_dir={tmp_path / 'one'}"))
+    double = evaluate(compose_cfg(*common, "trainer=ddp_sim", f"output_dir={tmp_path / 'two'}"))
+    assert set(single) == set(double) and "sanity/head" in single
+    for name in single:
+        assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name
