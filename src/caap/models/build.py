@@ -17,9 +17,10 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import ImageNetInfo, resolve_model_data_config
+from timm.data import resolve_model_data_config
 
 import caap.models.fashiongrid  # noqa: F401  (registers vit_fashiongrid_patch7_56 with timm)
+from caap.data.imagenet import imagenet_class_names
 from caap.models.heads import ZeroShotHead, clip_text_embeddings, dinov2_linear_head
 from caap.models.vit import ViTClassifier
 
@@ -84,7 +85,9 @@ def build_model(
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"model.crop_pct={crop_pct} must lie in (0, 1]")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
-        raise ValueError(f"model.interpolation='{interpolation}' is not supported; allowed: {list(INTERPOLATIONS)}")
+        raise ValueError(
+            f"model.interpolation='{interpolation}' is not supported; allowed: {list(INTERPOLATIONS)}"
+        )
     arch, _, tag = name.partition(".")
     if arch not in timm.list_models() or (tag and name not in timm.list_models(arch, pretrained=True)):
         close = timm.list_models(f"*{arch.split('_')[0]}*", pretrained=bool(tag))[:8]
@@ -133,8 +136,10 @@ def build_model(
                 f"model.head=clip_zeroshot needs a CLIP image tower whose head is the projection and which "
                 f"pools the CLS token (e.g. vit_base_patch16_clip_224.openai); '{name}' is not one"
             )
-        names = list(class_names) if class_names is not None else imagenet_class_names()
-        text, scale = clip_text_embeddings(names, clip_model, clip_pretrained if pretrained else None, prompts)
+        names = list(class_names) if class_names is not None else list(imagenet_class_names())
+        text, scale = clip_text_embeddings(
+            names, clip_model, clip_pretrained if pretrained else None, prompts
+        )
         if text.shape[1] != proj.out_features:
             raise ValueError(
                 f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "
@@ -153,7 +158,7 @@ def build_model(
         classifier=classifier,
     )
     if wrapped.class_names is None and wrapped.num_classes == 1000 and not multilabel:
-        wrapped.class_names = imagenet_class_names()
+        wrapped.class_names = list(imagenet_class_names())
     wrapped.data_config = data_config
     return wrapped.eval()
 
@@ -172,12 +177,6 @@ def model_data_config(
     if interpolation is not None:
         config["interpolation"] = interpolation
     return config
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in timm's (sorted synset) order, first synonym of each (for tables)."""
-    info = ImageNetInfo()
-    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
 
 
 def require_cached_weights(name: str) -> None:

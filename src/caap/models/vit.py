@@ -104,7 +104,9 @@ class ViTClassifier(nn.Module):
             raise TypeError(
                 f"model '{name}' uses attention-pool heads ('map'); supported pools: {', '.join(POOLINGS)}"
             )
-        if family == "eva" and (getattr(model, "dynamic_img_size", False) or getattr(model, "rope_mixed", False)):
+        if family == "eva" and (
+            getattr(model, "dynamic_img_size", False) or getattr(model, "rope_mixed", False)
+        ):
             raise TypeError(f"model '{name}': EVA with dynamic image size or mixed rope is not supported")
         self.model = model
         self.family = family
@@ -126,10 +128,7 @@ class ViTClassifier(nn.Module):
     def _resolve_pooling(self, pooling: str | None, classifier: nn.Module | None) -> str:
         m = self.model
         if pooling is None:
-            if isinstance(m, VisionTransformerDistilled):
-                pooling = "distilled"
-            else:
-                pooling = m.global_pool or ""
+            pooling = "distilled" if isinstance(m, VisionTransformerDistilled) else (m.global_pool or "")
         if pooling not in POOLINGS:
             raise ValueError(
                 f"model '{self.name if hasattr(self, 'name') else type(m).__name__}': pooling '{pooling}' is "
@@ -171,7 +170,7 @@ class ViTClassifier(nn.Module):
     @property
     def num_classes(self) -> int:
         if self.classifier is not None:
-            out = getattr(self.classifier, "out_features", None) or getattr(self.classifier, "num_classes")
+            out = getattr(self.classifier, "out_features", None) or self.classifier.num_classes
             return int(out)
         return int(self.model.num_classes)
 

@@ -51,7 +51,6 @@ DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 """0.0, 0.1, ..., 1.0: both endpoints included, as the AUC "including the unmasked endpoint" needs."""
 
 
-
 def check_fractions(fractions: Sequence[float] | Tensor | None) -> Tensor:
     """Validate `fractions` (strictly increasing, within [0, 1]); None gives `DEFAULT_FRACTIONS`. Returns `[K]` float64."""
     if fractions is None:
