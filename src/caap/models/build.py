@@ -105,6 +105,18 @@ def build_model(
             raise FileNotFoundError(f"model.weights='{weights}' is not a file")
         extra["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
+    if head == "dinov2_linear" and pretrained and head_weights is None:
+        raise RuntimeError(
+            f"model '{name}' with head=dinov2_linear needs the linear classifier's weights: pass the official "
+            f"head file, model.head_weights=/path/to/dinov2_vitb14_reg4_linear_head.pth (or "
+            f"model.pretrained=false for random weights)"
+        )
+    text, scale = torch.empty(0, 0), 100.0
+    if head == "clip_zeroshot":  # the text tower first: a missing checkpoint fails before image weights load
+        class_names = list(class_names) if class_names is not None else list(imagenet_class_names())
+        text, scale = clip_text_embeddings(
+            class_names, clip_model, clip_pretrained if pretrained else None, prompts
+        )
     if pretrained and weights is None:
         require_cached_weights(name)
     try:
@@ -121,12 +133,6 @@ def build_model(
     data_config = model_data_config(model, crop_pct, interpolation)
     pooling, classifier = None, None
     if head == "dinov2_linear":
-        if pretrained and head_weights is None:
-            raise RuntimeError(
-                f"model '{name}' with head=dinov2_linear needs the linear classifier's weights: pass the official "
-                f"head file, model.head_weights=/path/to/dinov2_vitb14_reg4_linear_head.pth (or "
-                f"model.pretrained=false for random weights)"
-            )
         pooling = "token+avg"
         classifier = dinov2_linear_head(int(model.embed_dim), num_classes or 1000, head_weights)
     elif head == "clip_zeroshot":
@@ -136,17 +142,12 @@ def build_model(
                 f"model.head=clip_zeroshot needs a CLIP image tower whose head is the projection and which "
                 f"pools the CLS token (e.g. vit_base_patch16_clip_224.openai); '{name}' is not one"
             )
-        names = list(class_names) if class_names is not None else list(imagenet_class_names())
-        text, scale = clip_text_embeddings(
-            names, clip_model, clip_pretrained if pretrained else None, prompts
-        )
         if text.shape[1] != proj.out_features:
             raise ValueError(
                 f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "
                 f"images to {proj.out_features}: use the matching CLIP image tower"
             )
         classifier = ZeroShotHead(proj, text, scale)
-        class_names = names
     wrapped = ViTClassifier(
         model,
         mean=data_config["mean"],
