@@ -35,10 +35,13 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataModule:
     """The datamodule of `cfg.data`; dataset keys left null (`image_size`, `class_names`, `num_classes`) are
     filled from the model."""
+    data_config = getattr(model, "data_config", None) or {}
     from_model = {
-        "image_size": int(model.model.patch_embed.img_size[0]),  # the size the model was built for
+        "image_size": int(model.image_size[0]),  # the size the model was built for
         "class_names": model.class_names,
         "num_classes": model.num_classes,
+        "crop_pct": data_config.get("crop_pct"),  # timm's evaluation preprocessing of the model
+        "interpolation": data_config.get("interpolation"),
     }
     fill = {
         k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
