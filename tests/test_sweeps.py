@@ -13,12 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
-from test_run import read_wandb_records
 
 from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
 from caap.run import evaluate
 from caap.sweep import count_jobs, job_label, job_overrides, sweep_group, write_sweep_size
+from test_run import read_wandb_records
 
 
 def compose_hydra(*overrides: str) -> DictConfig:
@@ -162,7 +162,12 @@ def test_two_job_sweep_through_submitit_local(tmp_path) -> None:
         "method=random,gradient",
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "caap", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "caap", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "sweep: 2 jobs" in proc.stdout
