@@ -77,7 +77,7 @@ def main() -> None:
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
 
     metrics = list(next(iter(rows.values())))
-    lower_better = {"deletion", "completeness"}  # the metrics whose lower values are better
+    lower_better = {"deletion", "mif", "completeness"}  # the metrics whose lower values are better
     best = {
         m: (min if m in lower_better else max)(r[m] for r in rows.values() if r[m] == r[m]) for m in metrics
     }

@@ -48,6 +48,9 @@ class AttributionModule(L.LightningModule):
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
         # maps of a resumed run, `{(index, class): [gh, gw]}`: those pairs are read, not recomputed (caap.resume)
         self.stored_maps: dict[tuple[int, int], Tensor] = {}
+        for metric in metrics.values():  # metrics that re-run the method (sanity checks) get the run's method
+            if getattr(metric, "requires_method", False) and getattr(metric, "method", None) is None:
+                metric.method = method
 
     def compute_maps(self, images: Tensor, classes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Maps `[P, gh, gw]` of `images [P, 3, H, W]` for `classes [P]`, and which were stored `[P]` (bool).
@@ -117,5 +120,9 @@ class AttributionModule(L.LightningModule):
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
+                for key, value in getattr(metric, "extra_per_sample", dict)().items():
+                    self.per_sample[f"{name}/{key}"] = value
+                for key, value in getattr(metric, "extra_results", dict)().items():
+                    self.results[f"{name}/{key}"] = float(value)
         if self.results:
             self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)
