@@ -51,6 +51,22 @@ class LayersConfig:
 
 
 @dataclass
+class AutoLayersConfig(LayersConfig):
+    """`layers=auto`: the range is chosen on calibration images (see `caap.layer_selection`).
+
+    `select_by` is a metric config (`_target_` an `AttributionMetric`); `start`/`stop` are replaced by the
+    chosen range before the method is built. `batch_size: null` uses `data.batch_size`.
+    """
+
+    name: str = "auto"
+    start: int = 0
+    stop: int | None = None
+    select_by: Any = MISSING
+    calibration_images: int = 32
+    batch_size: int | None = None
+
+
+@dataclass
 class DataConfig:
     """The evaluated dataset (`dataset` is instantiated by Hydra) and how it is batched and split."""
 
@@ -69,11 +85,19 @@ def _suffix(text: str | None) -> str:
     return f"_{text}" if text else ""
 
 
+def _resume_or(resume: str | None, default: str) -> str:
+    """The run (or sweep) folder: `resume` when continuing a killed run, else the new folder `default`."""
+    return str(resume) if resume not in (None, "") else default
+
+
 def register_schemas() -> None:
     """Store the schemas under the `schema` group, which the YAML options extend; register caap's resolvers."""
     if not OmegaConf.has_resolver("caap.suffix"):
         OmegaConf.register_new_resolver("caap.suffix", _suffix)
+    if not OmegaConf.has_resolver("caap.resume_or"):
+        OmegaConf.register_new_resolver("caap.resume_or", _resume_or)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="layers", node=LayersConfig)
+    cs.store(group="schema", name="layers_auto", node=AutoLayersConfig)
     cs.store(group="schema", name="data", node=DataConfig)
