@@ -44,6 +44,7 @@ class AttributionModule(L.LightningModule):
         self.target = target
         self.results: dict[str, float] = {}
         self.per_sample: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.curves: dict[str, tuple[Tensor, Tensor]] = {}  # curve metrics: (x [K], mean curve [K])
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
 
@@ -92,5 +93,7 @@ class AttributionModule(L.LightningModule):
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
+            if callable(getattr(metric, "curve", None)):  # a collective call: every rank makes it
+                self.curves[name] = metric.curve()
         if self.results:
             self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)
