@@ -73,13 +73,12 @@ class RunOutputs(L.Callback):
         rows = per_sample_rows(pl_module, self.class_names)
         payload = {"metrics": pl_module.results, "num_maps": len(rows), **self.extra}
         payload["higher_is_better"] = {
-            name: bool(getattr(metric, "higher_is_better", True)) for name, metric in pl_module.metrics.items()
+            name: bool(getattr(metric, "higher_is_better", True))
+            for name, metric in pl_module.metrics.items()
         }
         (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
         if pl_module.curves:  # {metric: {"x": [K], "y": [K]}}: the mean curve of each curve metric
-            curves = {
-                name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()
-            }
+            curves = {name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()}
             (self.folder / "curves.json").write_text(json.dumps(curves))
         if rows:
             fields = list(dict.fromkeys(k for row in rows for k in row))
