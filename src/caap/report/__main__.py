@@ -1,4 +1,4 @@
-"""`python -m caap.report [DIR]`: tables and one HTML page for a run or multirun folder (default: the latest)."""
+"""`python -m caap.report [DIR ...]`: tables and one HTML page for run or multirun folders (default: the latest)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from caap.report.runs import latest_run_dir
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m caap.report", description=__doc__)
     parser.add_argument(
-        "dir", nargs="?", type=Path, help="run or multirun folder (default: the newest under outputs/)"
+        "dir",
+        nargs="*",
+        type=Path,
+        help="run or multirun folders, reported together (default: the newest under outputs/)",
     )
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
     parser.add_argument(
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("WANDB_SILENT", "true")
-    source = args.dir if args.dir is not None else latest_run_dir(args.outputs)
+    source = args.dir or [latest_run_dir(args.outputs)]
     paths = build_report(source, args.out, args.rank_by, not args.no_wandb, args.gallery_maps)
     print((paths["md"]).read_text())
     for kind, path in paths.items():

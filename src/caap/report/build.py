@@ -50,28 +50,30 @@ def make_figures(
 
 
 def build_report(
-    source: str | Path,
+    source: str | Path | list[str | Path],
     out_dir: str | Path | None = None,
     rank_by: str | None = None,
     wandb: bool = True,
     gallery_maps: int = 6,
 ) -> dict[str, Path]:
-    """Write `report.md`, `report.csv` and `report.html` for the run or multirun folder `source` into
-    `out_dir` (default `source/report`), and log the table and figures to a W&B summary run (`wandb`).
-    Returns the written paths (`md`, `csv`, `html`, and `wandb` when logged)."""
-    source = Path(source)
+    """Write `report.md`, `report.csv` and `report.html` for the run or multirun folder `source` (or several,
+    reported together) into `out_dir` (default `<first source>/report`), and log the table and figures to a
+    W&B summary run (`wandb`). Returns the written paths (`md`, `csv`, `html`, and `wandb` when logged)."""
+    sources = [Path(s) for s in (source if isinstance(source, list) else [source])]
+    source = sources[0]
     out = Path(out_dir) if out_dir is not None else source / "report"
-    records = load_runs(source)
+    records = load_runs(*sources)
     out.mkdir(parents=True, exist_ok=True)
     figures = make_figures(records, rank_by, gallery_maps)
-    title = f"caap report: {source.resolve().name}"
+    title = "caap report: " + " + ".join(s.resolve().name for s in sources)
+    where = ", ".join(str(s) for s in sources)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "html": out / "report.html"}
     paths["md"].write_text(
-        f"# {title}\n\n{len(records)} runs from `{source}`; best per metric in bold.\n\n"
+        f"# {title}\n\n{len(records)} runs from `{where}`; best per metric in bold.\n\n"
         + to_markdown(records)
     )
     paths["csv"].write_text(to_csv(records))
-    paths["html"].write_text(render_page(title, str(source), records, figures))
+    paths["html"].write_text(render_page(title, where, records, figures))
     if wandb:
         from caap.report.wandb_summary import log_summary
 

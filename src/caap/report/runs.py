@@ -148,14 +148,17 @@ def label_runs(records: list[RunRecord]) -> None:
         record.label = label if seen[label] == 1 else f"{label} #{seen[label]}"
 
 
-def load_runs(folder: str | Path) -> list[RunRecord]:
-    """Every run of a run or multirun folder, labelled; raises FileNotFoundError when there is none."""
-    folders = run_folders(Path(folder))
-    if not folders:
-        raise FileNotFoundError(
-            f"no run folders (with metrics.json) under {folder}; pass a run or multirun folder of caap"
-        )
-    records = [read_run(f) for f in folders]
+def load_runs(*folders: str | Path) -> list[RunRecord]:
+    """Every run of one or more run / multirun folders (e.g. a layer sweep and a baseline sweep), labelled
+    together; raises FileNotFoundError when a folder holds no run."""
+    records = []
+    for folder in folders:
+        found = run_folders(Path(folder))
+        if not found:
+            raise FileNotFoundError(
+                f"no run folders (with metrics.json) under {folder}; pass a run or multirun folder of caap"
+            )
+        records += [read_run(f) for f in found]
     label_runs(records)
     return records
 

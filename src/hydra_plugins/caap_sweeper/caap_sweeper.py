@@ -13,7 +13,7 @@ derives a grid from the composed config, hence this small subclass.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -48,7 +48,7 @@ class CaapSweeperConf:
 
     _target_: str = "hydra_plugins.caap_sweeper.caap_sweeper.CaapSweeper"
     max_batch_size: int | None = None
-    params: dict[str, str] | None = None
+    params: dict[str, str] = field(default_factory=dict)  # {} (not None): `+hydra.sweeper.params.k=v` works
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="caap", node=CaapSweeperConf, provider="caap")
