@@ -200,3 +200,26 @@ def require_cached_weights(name: str) -> None:
         f"pass a local file with model.weights=/path/to/model.safetensors; model.pretrained=false gives random "
         f"weights (explicitly, for tests only)."
     )
+
+
+def model_depth(model_cfg: Any) -> int:
+    """Number of blocks L of the model that a `model` config (conf/model, `build_model`'s arguments) builds.
+
+    The model is built without weights on PyTorch's meta device (no memory, no files, about 0.1 s for
+    ViT-B/16), so sweeps can read the depth at config time, e.g. to expand `layers=all_pairs`.
+    """
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
+    name = node["name"]
+    if not timm.is_model(name):  # accepts pretrained tags (`name.tag`)
+        raise ValueError(f"model '{name}' is not a timm model name (timm.list_models())")
+    extra: dict[str, Any] = dict(node.get("kwargs") or {})
+    for key in ("num_classes", "img_size"):
+        if node.get(key) is not None:
+            extra[key] = node[key]
+    if node.get("dynamic_img_size"):
+        extra["dynamic_img_size"] = True
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **extra)
+    return len(model.blocks)
