@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,22 @@ def test_gradient_maps_decorrelate(trained: ViTClassifier) -> None:
     assert extra["original"] == pytest.approx(1.0)  # deterministic: the control reproduces the maps
     assert extra["head"] < 0.5 and extra["block5"] < 0.5
     assert float(metric.compute()) < 0.5
+
+
+class Zeros(AttributionMethod):
+    """All-zero maps: no ranking to correlate."""
+
+    def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
+        return images.new_zeros(images.shape[0], *model.grid_size(images))
+
+
+def test_constant_maps_are_undefined_and_logged(trained: ViTClassifier, caplog) -> None:
+    metric = CascadingRandomisation(stages=1, method=Zeros())
+    with caplog.at_level(logging.WARNING):
+        metric.update(_batch(trained, Zeros(), [0, 1]), trained)
+        value = metric.compute()
+    assert value.isnan() and metric.per_sample()[2].isnan().all()
+    assert "no rank correlation" in caplog.text and "2 of 2 values undefined" in caplog.text
 
 
 def test_needs_method_and_model(trained: ViTClassifier) -> None:
