@@ -254,7 +254,7 @@ def token_removal_outcomes(
         ratios: K removal ratios in (0, 1]; default 0.1, ..., 0.9.
         orders: which of 'mif' / 'lif' to compute; they share the batches.
         removal: 'drop' (tokens leave the sequence) or 'replace' (tokens replaced by `baseline`'s).
-        baseline: for 'replace': 'black', 'mean_color', 'blur' (or a mapping with options) or 'zero'.
+        baseline: for 'replace': 'black', 'mean' / 'mean_color', 'blur' (or a mapping with options) or 'zero'.
         max_batch: most sequences per forward pass.
 
     Returns:
@@ -282,7 +282,7 @@ def token_removal_outcomes(
     r0 = model.embed(images)  # [P, T, D]
     d = r0.shape[-1]
     pairs = torch.arange(p, device=device)
-    # one row per (order, step, pair): (row position in the output, pair, kept indices [kept])
+    # rows are (order, step) keys x pairs: key i, pair j is row i * P + j of a group's batch
     out = {o: Outcomes(*(torch.full((p, k), float("nan"), device=device) for _ in range(3))) for o in orders}
 
     def store(keys: list[tuple[str, int]], logits: Tensor, rows_pair: Tensor) -> None:

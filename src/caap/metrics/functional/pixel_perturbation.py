@@ -92,7 +92,8 @@ def pixel_perturbation_outcomes(
     """`Outcomes` `[P, steps + 1]` along the RISE deletion or insertion path (see the module docstring).
 
     Args:
-        images: `[P, 3, H, W]` in [0, 1]; maps `[P, gh, gw]`; classes `[P]`.
+        images: `[P, 3, H, W]` in [0, 1]; maps `[P, gh, gw]` (any resolution, upsampled to H x W; pixel-level
+            maps are used as they are); classes `[P]`.
         steps: K; None = H (W pixels a step at a square image, as RISE).
         full: the unperturbed outcomes `[P]` if already known (the image end of the path is not rerun).
     """
