@@ -275,3 +275,43 @@ def test_run_on_voc_scores_segmentation_metrics(compose_cfg, tmp_path) -> None:
     assert set(results) == {"pointing", "deletion"} and all(np.isfinite(v) for v in results.values())
     facts = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert facts["num_maps"] == 2
+
+
+def _fixture_for(name: str, tmp_path) -> list[str]:
+    """Fixture files for a data option and the overrides pointing the run at them."""
+    rgb, mask = _two_region_image(40, 50)
+    if name == "imagenet_val":
+        _jpeg(tmp_path / WNIDS[7] / "ILSVRC2012_val_00000001.JPEG")
+        return [f"data.root={tmp_path}"]
+    if name == "imagenet_s":
+        root = tmp_path / "ImageNetS50"
+        (tmp_path / "cats.txt").write_text("\n".join(WNIDS[:50]))
+        (root / "validation" / WNIDS[3]).mkdir(parents=True)
+        Image.fromarray(rgb).save(root / "validation" / WNIDS[3] / "x.JPEG")
+        _imagenet_s_png(root / "validation-segmentation" / WNIDS[3] / "x.png", np.where(mask, 4, 0))
+        return [
+            f"data.root={root}",
+            "data.dataset.variant=50",
+            f"data.dataset.categories_file={tmp_path / 'cats.txt'}",
+        ]
+    if name == "imagenet_segmentation":
+        _matlab_v73(tmp_path / "gtsegs_ijcv.mat", [rgb], [mask])
+        return [f"data.root={tmp_path / 'gtsegs_ijcv.mat'}"]
+    return [f"data.root={_voc_fixture(tmp_path)}"]
+
+
+@pytest.mark.parametrize("name", ["imagenet_val", "imagenet_s", "imagenet_segmentation", "voc_segmentation"])
+def test_data_options_follow_the_model_preprocessing(compose_cfg, tmp_path, name: str) -> None:
+    """Each real-data option fills size, crop_pct, interpolation, classes from an ImageNet-1k model."""
+    from caap.models import build_model
+    from caap.run import build_datamodule
+
+    cfg = compose_cfg(f"data={name}", *_fixture_for(name, tmp_path))
+    model = build_model("test_vit", img_size=56, num_classes=1000, kwargs={"patch_size": 7}, crop_pct=0.5)
+    datamodule = build_datamodule(cfg.data, model)
+    sample = datamodule.dataset[datamodule.indices[0]]
+    assert sample["image"].shape == (3, 56, 56) and float(sample["image"].min()) >= 0.0
+    assert datamodule.dataset.transform.resize == 112  # floor(56 / crop_pct)
+    assert datamodule.class_names[0] == "tench"
+    if name != "imagenet_val":
+        assert sample["segmentation"].shape == (56, 56) and sample["segmentation"].dtype == torch.long
