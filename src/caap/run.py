@@ -131,7 +131,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
         method.prepare(datamodule.dataset)
     metrics = build_metrics(cfg.metric, datamodule)
-    for name, metric in metrics.items():  # token-removal metrics need attention (not MLP-Mixer), before any map
+    for name, metric in metrics.items():  # token removal needs attention (not Mixer): fail before maps
         if getattr(metric, "removes_tokens", False):
             model.check_token_removal(f"metric '{name}' (token removal)")
     loggers = build_loggers(cfg.logger, output_dir, config)

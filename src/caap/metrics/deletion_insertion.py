@@ -25,7 +25,7 @@ class _TokenPerturbationAUC(AttributionMetric):
     """Area under a token-removal curve per (image, class), and the mean curve over de-duplicated pairs."""
 
     requires_model = True
-    removes_tokens = True  # hides patch tokens by attention masks: undefined on MLP-Mixer (checked before maps)
+    removes_tokens = True  # hides tokens by attention masks: undefined on MLP-Mixer
     mode: Mode = "deletion"
 
     def __init__(
