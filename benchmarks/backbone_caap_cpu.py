@@ -1,13 +1,13 @@
 """CAAP maps per second on the CPU for real-size backbones with random weights (ViT-S/16 and ViT-B/16 AugReg).
 
-For each model, in one run (each timing the best of `--repeats` after a warm-up): a plain forward pass of
-the images (the baseline), CAAP (conf/method/caap.yaml
+For each model, in one run (each timing the best of `--repeats`, after a warm-up call except for CAAP, whose
+hundreds of passes warm up by themselves): a plain forward pass of the images (the baseline), CAAP (conf/method/caap.yaml
 defaults: layers 0:2, black neutral, score delta) and a LibraGrad gradient map. Reported: maps/s, and the cost
 of one CAAP map in forward-pass equivalents next to what the engine should cost, `N * (L - start) / L`
 partial passes (N patches, L blocks), less with the CLS-only last block.
 
 Example:
-    PYTHONPATH=src python benchmarks/backbone_caap_cpu.py --models vit_small_augreg vit_base_augreg --images 2
+    PYTHONPATH=src python benchmarks/backbone_caap_cpu.py --models vit_small_augreg vit_base_augreg --images 1
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def build(config: str):
     return instantiate(cfg.model)
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def best_time(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -50,8 +51,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["vit_small_augreg", "vit_base_augreg"])
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=2)
@@ -73,7 +74,7 @@ def main() -> None:
                 model(images)
 
         t_fwd = best_time(forward, args.repeats)
-        t_caap = best_time(partial(caap, model, images, target), args.repeats)
+        t_caap = best_time(partial(caap, model, images, target), args.repeats, warmup=False)  # N passes: warm
         t_grad = best_time(partial(grad, model, images, target), args.repeats)
         gh, gw = model.grid_size(images)
         n, depth = gh * gw, model.depth
