@@ -160,6 +160,23 @@ def test_methods_that_cannot_apply_fail_at_setup() -> None:
             method.setup(mixer)
     with pytest.raises(ValueError, match="fixed sequence length"):
         deletion_curves(mixer, torch.rand(1, 3, 64, 64), torch.rand(1, 4, 4), torch.tensor([0]))
+    from caap.batch import AttributionBatch
+    from caap.metrics import MIF, SRG, TokenDeletionAUC
+
+    with pytest.raises(ValueError, match="removal=replace"):  # LibraGrad's token dropping: refused at setup
+        MIF().check_model(mixer)
+    with pytest.raises(ValueError, match="fixed sequence length"):
+        TokenDeletionAUC().check_model(mixer)
+    srg = SRG(removal="replace", baseline="black", ratios=[0.5])  # replacement works on the Mixer
+    srg.check_model(mixer)
+    batch = AttributionBatch(
+        images=torch.rand(1, 3, 64, 64),
+        maps=torch.rand(1, 4, 4),
+        classes=torch.tensor([1]),
+        index=torch.tensor([0]),
+    )
+    srg.update(batch, mixer)
+    assert torch.isfinite(srg.compute())
     eva = build_model("eva02_tiny_patch14_224", img_size=56, num_classes=5)
     with pytest.raises(NotImplementedError, match="q_bias"):
         FullGradPlus().setup(eva)

@@ -189,6 +189,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
         method.prepare(datamodule.dataset)
     metrics = build_metrics(cfg.metric, datamodule)
+    for (
+        metric
+    ) in metrics.values():  # e.g. token dropping on a model that cannot drop tokens: fail before maps
+        if hasattr(metric, "check_model"):
+            metric.check_model(model)
     loggers = build_loggers(
         cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
     )

@@ -32,6 +32,10 @@ class _TokenPerturbationAUC(CurveMetric):
     requires_model = True
     mode: Mode = "deletion"
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse, before any map is computed, a model whose tokens cannot be hidden by attention masks."""
+        self._model(model).check_token_removal(f"{self.name} (token removal)")
+
     def __init__(
         self,
         fractions: Sequence[float] | None = None,

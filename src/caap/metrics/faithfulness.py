@@ -152,6 +152,11 @@ class _TokenFaithfulness(CurveMetric):
                 memo[(key, o)] = out
         return {o: memo[(key, o)] for o in self.needs}
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse, before any map is computed, a model this metric cannot score (e.g. `removal=drop` on a
+        model whose head needs the full token grid, or an MLP-Mixer)."""
+        check_removal(_model(self, model), self.removal)
+
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""
         vit = _model(self, model)

@@ -111,12 +111,11 @@ def build_model(
             f"head file, model.head_weights=/path/to/dinov2_vitb14_reg4_linear_head.pth (or "
             f"model.pretrained=false for random weights)"
         )
-    text, scale = torch.empty(0, 0), 100.0
+    text, scale = None, 100.0
     if head == "clip_zeroshot":  # the text tower first: a missing checkpoint fails before image weights load
         class_names = list(class_names) if class_names is not None else list(imagenet_class_names())
-        text, scale = clip_text_embeddings(
-            class_names, clip_model, clip_pretrained if pretrained else None, prompts
-        )
+        if pretrained:
+            text, scale = clip_text_embeddings(class_names, clip_model, clip_pretrained, prompts)
     if pretrained and weights is None:
         require_cached_weights(name)
     try:
@@ -142,6 +141,9 @@ def build_model(
                 f"model.head=clip_zeroshot needs a CLIP image tower whose head is the projection and which "
                 f"pools the CLS token (e.g. vit_base_patch16_clip_224.openai); '{name}' is not one"
             )
+        if text is None:  # random weights (explicitly asked for): random class embeddings, no text tower
+            log.warning("model '%s': random weights, so random CLIP class embeddings", name)
+            text = torch.randn(len(class_names), proj.out_features)
         if text.shape[1] != proj.out_features:
             raise ValueError(
                 f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "

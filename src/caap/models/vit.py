@@ -110,8 +110,10 @@ class ViTClassifier(nn.Module):
             raise TypeError(f"model '{name}': EVA with dynamic image size or mixed rope is not supported")
         self.model = model
         self.family = family
-        self.pooling = self._resolve_pooling(pooling, classifier)
+        self.name = name
         self.classifier = classifier
+        self._pooling = pooling  # None: follow the timm model's global_pool (read on every use)
+        _ = self.pooling  # validate now
         self.register_buffer(
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
         )
@@ -119,28 +121,28 @@ class ViTClassifier(nn.Module):
             "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
         )
         self.multilabel = multilabel
-        self.name = name
         self.class_names = list(class_names) if class_names is not None else None
         if family == "eva":
             wrapped = [RopeBlock(b, self.rope_embed) for b in model.blocks]
             self.__dict__["_block_list"] = wrapped
 
-    def _resolve_pooling(self, pooling: str | None, classifier: nn.Module | None) -> str:
-        m = self.model
+    @property
+    def pooling(self) -> str:
+        """What the head reads (module docstring); raises a ValueError for a head that cannot be read."""
+        m, pooling = self.model, self._pooling
         if pooling is None:
             pooling = "distilled" if isinstance(m, VisionTransformerDistilled) else (m.global_pool or "")
         if pooling not in POOLINGS:
             raise ValueError(
-                f"model '{self.name if hasattr(self, 'name') else type(m).__name__}': pooling '{pooling}' is "
-                f"not supported; allowed: {list(POOLINGS)}"
+                f"model '{self.name}': pooling '{pooling}' is not supported; allowed: {list(POOLINGS)}"
             )
-        if pooling in ("token", "distilled", "token+avg") and int(getattr(m, "num_prefix_tokens", 0)) < (
+        if pooling in ("token", "distilled", "token+avg") and self.num_prefix_tokens < (
             2 if pooling == "distilled" else 1
         ):
-            raise ValueError(f"pooling '{pooling}' needs a CLS token, but the model has no prefix tokens")
-        if pooling == "distilled" and classifier is not None:
+            raise ValueError(f"model '{self.name}' pools a '{pooling}' but has no prefix token to read")
+        if pooling == "distilled" and self.classifier is not None:
             raise ValueError("a custom classifier replaces DeiT's two distilled heads; use pooling='token'")
-        if pooling == "token+avg" and classifier is None:
+        if pooling == "token+avg" and self.classifier is None:
             raise ValueError("pooling 'token+avg' (CLS + mean patch token) needs a classifier of width 2 * D")
         return pooling
 
@@ -186,6 +188,7 @@ class ViTClassifier(nn.Module):
 
     def check_token_removal(self, what: str = "token removal") -> None:
         """Raise a ValueError saying why `what` (attention-masked token dropping) is undefined on this model."""
+        _ = self.pooling  # a head that cannot be read fails here
         if not self.has_attention:
             raise ValueError(
                 f"{what} is not supported on model '{self.name}' ({self.family}): its token-mixing MLPs have a "

@@ -168,6 +168,8 @@ def can_drop_tokens(model: ViTClassifier) -> bool:
     declared = getattr(model, "can_drop_tokens", None)
     if declared is not None:
         return bool(declared)
+    if not getattr(model, "has_attention", True):  # MLP-Mixer: token-mixing MLPs need the full sequence
+        return False
     pool = getattr(getattr(model, "model", None), "global_pool", None)
     if pool == "token":
         return model.num_prefix_tokens > 0
