@@ -179,7 +179,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path) -> None:
     names = set()
     for job in jobs:
         written = json.loads((job / "metrics.json").read_text())
-        assert set(written["metrics"]) == {"grid_pointing"} and written["finished"]
+        assert "grid_pointing" in written["metrics"] and written["finished"]
         group, name, config = _wandb_identity(job)
         assert group == "two"
         assert job.name.split("_", 1)[1] == name  # the W&B name is the job folder's override_dirname
