@@ -16,6 +16,7 @@ from caap.methods.caap import CAAP
 from caap.models import build_model
 from caap.models.layers import all_layer_ranges
 from caap.run import evaluate
+from test_run import read_wandb_records
 
 AUTO = [
     "data=synthetic",
@@ -98,7 +99,7 @@ def test_layers_auto_chooses_on_calibration_and_evaluates_on_disjoint_images(com
 
 def test_layers_auto_sets_calibration_images_apart_from_an_unlimited_evaluation(compose_cfg) -> None:
     """With the default select_by (SRG, higher is better) and every image of the dataset evaluated."""
-    default_metric = [o for o in AUTO if not o.lstrip("+").startswith("layers.select_by")]
+    default_metric = [o for o in AUTO if not o.lstrip("+").startswith(("layers.select_by", "logger"))]
     cfg = compose_cfg(
         *default_metric, "data.limit=null", "data.dataset.size=8", "layers.calibration_images=2"
     )
@@ -110,6 +111,20 @@ def test_layers_auto_sets_calibration_images_apart_from_an_unlimited_evaluation(
     chosen = json.loads((out / SELECTION_FILE).read_text())
     assert chosen["metric"] == "SRG" and chosen["higher_is_better"] is True
     assert chosen["value"] == max(r["value"] for r in chosen["landscape"])
+    # the choice and the landscape are in the W&B run
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = read_wandb_records(run_dir)
+    summary = {
+        i.key or "/".join(i.nested_key): i.value_json
+        for r in records
+        if r.HasField("summary")
+        for i in r.summary.update
+    }
+    history = {
+        i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item
+    }
+    assert (int(summary["layers/start"]), int(summary["layers/stop"])) == (chosen["start"], chosen["stop"])
+    assert any(k.startswith("layers/landscape") for k in history), sorted(history)
 
 
 def test_layers_auto_needs_caap(compose_cfg) -> None:
