@@ -49,7 +49,13 @@ def model():
 @pytest.mark.parametrize(
     "options",
     [
-        {"score": "delta", "neutral": "black"},
+        {"score": "delta", "mode": "hold", "neutral": "black"},
+        {
+            "score": "logit",
+            "mode": "hold",
+            "head_tokens_only": False,
+            "neutral": {"kind": "noise", "num_samples": 2},
+        },
         {"score": "prob", "mode": "inject", "window": 2, "neutral": {"kind": "blur", "sigma": 2.0}},
     ],
 )
@@ -61,7 +67,7 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
     method = CAAP(chunk_size=32, **options)
     got = dict(range_maps(method, model, images, target, ranges))
     assert list(got) == ranges
-    for start, stop in ranges[:: 3 if options["score"] == "delta" else 7]:
+    for start, stop in ranges[:: 1 if options["mode"] == "hold" else 5]:
         reference = CAAP(start=start, stop=stop, chunk_size=32, **options).attribute(model, images, target)
         torch.testing.assert_close(got[(start, stop)], reference, rtol=1e-5, atol=1e-5)
 
