@@ -163,7 +163,8 @@ def range_maps(
     Uses `method`'s mode, score, window, neutral context and chunking; equals `method.attribute` with
     `start, stop` set to each range. Shared between ranges: one source pass, one neutral pass (the neutral
     `r_start` of every start and the unpatched logits), and the patched runs of ranges with the same start
-    up to where they differ (`_branching_scores`). Yields in the order of `ranges`.
+    up to where they differ (`_branching_scores`). Yields as each start is done: by start, then stop (the
+    order of `all_layer_ranges`).
     """
     gh, gw = model.grid_size(images)
     masks, index = window_masks(gh, gw, method.window, images.device)
@@ -186,8 +187,9 @@ def range_maps(
             prefixes.append(at)
             logits.append(model.head(x).float())  # unpatched neutral logits: the same for every start
         chunk = method.chunk_for(model, unique)
-        maps: dict[tuple[int, int], Tensor] = {}
-        for start in starts:
+    # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
+    for start in starts:
+        with torch.no_grad():
             stops = sorted({e for s, e in ranges if s == start})
             total: dict[int, Tensor] = {}
             for at, nl in zip(prefixes, logits, strict=True):
@@ -195,11 +197,9 @@ def range_maps(
                     model, states, at[start], targets, masks, start, stops, method, chunk, nl
                 )
                 total = scores if not total else {e: total[e] + scores[e] for e in stops}
-            for e in stops:
-                m = (total[e] / len(prefixes))[inverse, slot][:, index]
-                maps[(start, e)] = m.view(images.shape[0], gh, gw)
-    for r in ranges:
-        yield r, maps[r]
+        for e in stops:
+            m = (total[e] / len(prefixes))[inverse, slot][:, index]
+            yield (start, e), m.view(images.shape[0], gh, gw)
 
 
 def calibration_indices(dataset_size: int, num_images: int) -> list[int]:
