@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from caap.batch import AttributionBatch
 from caap.data import AttributionDataModule
@@ -258,34 +258,34 @@ def select_layer_range(
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
     )
-    bar = tqdm(
-        total=len(loader) * len(ranges),
-        desc=f"layers=auto: {len(ranges)} ranges x {len(calib)} images",
-        disable=not progress,
-        unit="range",
-    )
-    for batch in loader:
-        if batch is None:
-            continue
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        rows, classes = selector.select_targets(batch)
-        images = batch["image"][rows]
-        masks = batch.get("masks") or {}
-        for (start, stop), maps in range_maps(method, model, images, classes, ranges):
-            attribution = AttributionBatch(
-                images=images,
-                maps=maps.float(),
-                classes=classes,
-                index=torch.as_tensor(batch["index"], device=device)[rows],
-                labels=batch["target"][rows] if batch.get("target") is not None else None,
-                cell_masks=masks["cell"][rows] if "cell" in masks else None,
-                item_masks=masks["item"][rows] if "item" in masks else None,
-                segmentation=batch["segmentation"][rows] if batch.get("segmentation") is not None else None,
-            )
-            with torch.no_grad():
-                metrics[(start, stop)].update(attribution, model)
-            bar.update(1)
-    bar.close()
+    # rich, like Lightning's test bar (tqdm is not a dependency of caap)
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(
+            f"layers=auto: {len(ranges)} ranges x {len(calib)} images", total=len(loader) * len(ranges)
+        )
+        for batch in loader:
+            if batch is None:
+                continue
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            rows, classes = selector.select_targets(batch)
+            images = batch["image"][rows]
+            masks = batch.get("masks") or {}
+            for (start, stop), maps in range_maps(method, model, images, classes, ranges):
+                attribution = AttributionBatch(
+                    images=images,
+                    maps=maps.float(),
+                    classes=classes,
+                    index=torch.as_tensor(batch["index"], device=device)[rows],
+                    labels=batch["target"][rows] if batch.get("target") is not None else None,
+                    cell_masks=masks["cell"][rows] if "cell" in masks else None,
+                    item_masks=masks["item"][rows] if "item" in masks else None,
+                    segmentation=batch["segmentation"][rows]
+                    if batch.get("segmentation") is not None
+                    else None,
+                )
+                with torch.no_grad():
+                    metrics[(start, stop)].update(attribution, model)
+                bar.advance(task)
     landscape = [{"start": s, "stop": e, "value": float(metrics[(s, e)].compute())} for s, e in ranges]
     higher = bool(metric_template.higher_is_better)
     finite = [row for row in landscape if row["value"] == row["value"]]  # NaN: undefined on every image
