@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup run test test-slow test-all lint format train clean-outputs
+.PHONY: setup run test test-slow test-all lint format train clean-outputs report wandb-sync
 
 CHROMIUM := /usr/bin/chromium
 
@@ -64,3 +64,17 @@ train: setup
 
 clean-outputs:
 	rm -rf outputs/*
+
+# Tables and one HTML page for a run or multirun folder (ARGS="outputs/multirun/<date>/<time>"; default: the
+# newest under outputs/), plus an offline W&B summary run.
+report: setup
+	$(PY) -m caap.report $(ARGS)
+
+# Upload every offline W&B run under outputs/ (job runs and report summary runs). Needs network access and
+# WANDB_API_KEY (or `wandb login`). ARGS passes options, e.g. ARGS="--project caap --dry-run".
+wandb-sync: setup
+	@runs=$$(find outputs -type d -name 'offline-run-*' -not -path '*/files/*' 2>/dev/null | sort); \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under outputs/"; exit 0; fi; \
+	if [ -z "$$WANDB_API_KEY" ] && [ ! -f "$$HOME/.netrc" ]; then \
+	  echo "wandb-sync: set WANDB_API_KEY (or run wandb login) first"; exit 1; fi; \
+	$(VENV)/bin/wandb sync $(ARGS) $$runs

@@ -190,7 +190,7 @@ def test_token_drop_equals_plain_loop(name: str, kwargs: dict | None) -> None:
 def test_token_replace_equals_plain_loop(cls_model: ViTClassifier) -> None:
     images, maps, classes = _inputs(2, seed=3)
     ratios = [0.25, 0.5, 1.0]
-    for baseline in ("black", "zero", {"kind": "blur", "sigma": 2.0}):
+    for baseline in ("black", "zero", "mean", {"kind": "blur", "sigma": 2.0}):
         got = token_removal_outcomes(
             cls_model, images, maps, classes, ratios, ("mif", "lif"), "replace", baseline, max_batch=5
         )
@@ -270,7 +270,7 @@ def test_drop_refused_for_fixed_grid_head_replace_works(cls_model: ViTClassifier
     metric.update(_batch(images, maps, classes), model)
     assert math.isfinite(float(metric.compute()))
     no_pool = _model(dict(global_pool=""))  # timm's "no pooling": the head needs every token
-    with pytest.raises(ValueError, match=r"global_pool=''.*removal=replace"):
+    with pytest.raises(ValueError, match=r"pooling '' is not supported"):  # refused by the model wrapper
         faithfulness_curves(no_pool, images, maps, classes)
 
 
@@ -361,6 +361,12 @@ def test_metrics_share_forward_passes(cls_model: ViTClassifier) -> None:
     single = MIF(score="prob", ratios=ratios)
     single.update(_batch(images, maps, classes), cls_model)  # a fresh batch: computed again, same values
     torch.testing.assert_close(single.compute(), metrics[0].compute())
+    # the metric's value is the trapezoid area of the plain loop's curve, including the unmasked end
+    logit = MIF(score="logit", ratios=ratios)
+    logit.update(_batch(images, maps, classes), cls_model)
+    ref = _plain_token_curve(cls_model, images, maps, classes, ratios, "mif").double()
+    want = torch.trapezoid(ref, x=torch.tensor([0.0, *ratios], dtype=torch.float64), dim=1).mean()
+    torch.testing.assert_close(logit.compute(), want, atol=1e-5, rtol=0)
 
 
 def _fake_ddp(rank0: AttributionMetric, rank1: AttributionMetric) -> None:
@@ -430,7 +436,43 @@ def test_bad_arguments_fail_early() -> None:
         SRG(ratios=[0.5, 0.2])
     with pytest.raises(ValueError, match="baseline"):
         PixelDeletion(baseline="noise")
+    with pytest.raises(ValueError, match="allowed kinds"):
+        MIF(removal="replace", baseline={"kind": "noise"})
+    with pytest.raises(ValueError, match="sigma"):
+        SRG(removal="replace", baseline={"kind": "blur", "sigma": -1})
     with pytest.raises(ValueError, match="steps"):
         PixelInsertion(steps=0)
     with pytest.raises(ValueError, match="score"):
         PixelInsertion(score="aopc")
+
+
+def test_patch_deletion_equals_quantus_region_perturbation(cls_model: ViTClassifier) -> None:
+    """Cross-check with Quantus 0.6 RegionPerturbation (MoRF, 7x7 regions = the model's patches, black 0.0
+    baseline, logits): our pixel deletion with nearest upsampling and K = 64 steps removes one whole patch a
+    step in map order; Quantus reports the drop logit_0 - logit_k."""
+    quantus = pytest.importorskip("quantus")
+    images, maps, classes = _inputs(2, seed=11)  # random patch values: no ties between patches
+    ours = pixel_perturbation_outcomes(
+        cls_model, images, maps, classes, "deletion", "black", 64, "nearest", 256
+    )
+    metric = quantus.RegionPerturbation(
+        patch_size=7,
+        regions_evaluation=64,
+        order="morf",
+        normalise=False,
+        abs=False,
+        perturb_baseline=0.0,
+        disable_warnings=True,
+    )
+    up = F.interpolate(maps[:, None], size=(56, 56), mode="nearest")
+    theirs = metric(
+        model=cls_model,
+        x_batch=images.numpy(),
+        y_batch=classes.numpy(),
+        a_batch=up.numpy(),
+        device="cpu",
+        softmax=False,
+        channel_first=True,
+    )
+    drop = (ours.logit[:, :1] - ours.logit[:, 1:]).numpy()
+    np.testing.assert_allclose(np.asarray(theirs), drop, atol=3e-5, rtol=0)

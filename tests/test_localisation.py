@@ -27,7 +27,6 @@ from caap.metrics import (
 from caap.metrics.functional import (
     bounding_boxes,
     class_discrimination,
-    dilate,
     energy_pointing_game,
     gur_average_precision,
     mean_iou,
@@ -46,17 +45,6 @@ def _f64(*values: float) -> Tensor:
 
 
 # -- pointing game with a tolerance -----------------------------------------------------------------------
-def test_dilate_disk() -> None:
-    m = torch.zeros(1, 9, 9, dtype=torch.bool)
-    m[0, 4, 4] = True
-    assert int(dilate(m, 0).sum()) == 1
-    assert int(dilate(m, 1).sum()) == 5  # the plus: distance 1 only along the axes
-    assert int(dilate(m, 1.5).sum()) == 9  # diagonal neighbours at sqrt(2)
-    assert int(dilate(m, 2).sum()) == 13
-    with pytest.raises(ValueError, match="tolerance must be >= 0"):
-        dilate(m, -1)
-
-
 def test_tolerant_pointing_game_known_answers() -> None:
     # 8x8 grid on 56x56 pixels (7 px patches); the mask is the single pixel (30, 30), in patch (4, 4)
     mask = torch.zeros(2, 56, 56, dtype=torch.bool)
@@ -69,6 +57,27 @@ def test_tolerant_pointing_game_known_answers() -> None:
     assert tolerant_pointing_game(maps, mask, 10).tolist() == [0.0, 1.0]
     assert tolerant_pointing_game(maps, mask, 33).tolist() == [0.0, 1.0]
     assert tolerant_pointing_game(maps, mask, 34).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="tolerance must be >= 0"):
+        tolerant_pointing_game(maps, mask, -1)
+
+
+def test_tolerant_pointing_game_equals_dilated_mask_reference() -> None:
+    """Plain reference: grow the mask by a Euclidean disk (every pixel within `t` of a mask pixel), then the
+    plain pointing game on the grown mask; uneven grid (7 x 5 patches on 30 x 23 pixels) included."""
+    g = torch.Generator().manual_seed(8)
+    for grid, size in [((8, 8), (56, 56)), ((7, 5), (30, 23))]:
+        maps = torch.randn(12, *grid, generator=g)
+        masks = torch.rand(12, *size, generator=g) > 0.995
+        masks[0] = False
+        masks[0, 3, 4] = True
+        for t in (0, 1, 2.5, 6, 15):
+            r = int(t)
+            off = torch.arange(-r, r + 1, dtype=torch.float32)
+            disk = ((off[:, None] ** 2 + off[None, :] ** 2) <= t**2).float()[None, None]
+            grown = F.conv2d(masks[:, None].float(), disk, padding=r)[:, 0] > 0.5
+            want = pointing_game(maps, grown)
+            want[~masks.flatten(1).any(1)] = float("nan")
+            torch.testing.assert_close(tolerant_pointing_game(maps, masks, t), want, equal_nan=True)
 
 
 def test_tolerance_zero_is_the_plain_pointing_game() -> None:
@@ -180,6 +189,10 @@ def test_libragrad_ap_known_answer_and_sklearn() -> None:
         average_precision_score(t.flatten().numpy(), s.flatten().numpy()) for t, s in zip(gt, up, strict=True)
     ]
     torch.testing.assert_close(segmentation_average_precision(maps, gt), _f64(*want))
+    # a single pair (a batch of one map) and no pair at all
+    torch.testing.assert_close(segmentation_average_precision(maps[:1], gt[:1]), _f64(want[0]))
+    torch.testing.assert_close(gur_average_precision(maps[:1], gt[:1]), gur_average_precision(maps, gt)[:1])
+    assert segmentation_average_precision(maps[:0], gt[:0]).shape == (0,)
 
 
 def test_gur_average_precision_equals_chefer_reference() -> None:
@@ -237,9 +250,8 @@ def test_segmentation_from_compact_map_equals_masks() -> None:
 
 
 # -- Quantus cross-checks -------------------------------------------------------------------------------------
-quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
-
-
+# Quantus (pip package quantus, in the dev extras) is the reference here; where it cannot be imported these two
+# tests skip, and the plain references above (dilated-mask pointing game, scikit-learn AP) still run.
 def _upsampled(maps: Tensor) -> np.ndarray:
     """Nearest-upsampled maps `[P, 1, H, W]` as Quantus takes them (the pixel reading of a patch map)."""
     return F.interpolate(maps[:, None], scale_factor=7, mode="nearest").numpy()
@@ -248,6 +260,7 @@ def _upsampled(maps: Tensor) -> np.ndarray:
 def test_pointing_game_equals_quantus() -> None:
     """Quantus' PointingGame (`hit = any(mask at max(a))`) on the nearest-upsampled map: all pixels of the arg-max
     patch tie at the maximum, so it equals our pointing game whenever the map has a unique maximum patch."""
+    quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
     g = torch.Generator().manual_seed(6)
     maps = torch.randn(24, 8, 8, generator=g)  # continuous: a unique maximum patch
     masks = torch.rand(24, 56, 56, generator=g) > 0.99  # sparse: hits and misses
@@ -262,6 +275,7 @@ def test_pointing_game_equals_quantus() -> None:
 def test_energy_share_equals_quantus_relevance_mass_accuracy() -> None:
     """Quantus' RelevanceMassAccuracy (attribution on the mask / total) equals the mask energy share for
     non-negative maps (where the positive part is the map itself)."""
+    quantus = pytest.importorskip("quantus", reason="quantus is in the dev extras")
     g = torch.Generator().manual_seed(7)
     maps = torch.rand(12, 8, 8, generator=g)
     masks = torch.rand(12, 56, 56, generator=g) > 0.8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,15 @@ def test_cascade_randomises_top_down_on_a_copy(trained: ViTClassifier) -> None:
     for name, model in cascading_randomisation(trained, stages=2, seed=0):  # seeded: same weights every call
         if name == "block5":
             assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    # independent randomisation: each stage changes only its own layers of the trained weights
+    for name, model in cascading_randomisation(trained, stages=3, seed=0, control=True, cumulative=False):
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, original[k])}
+        if name == "original":
+            assert changed == set()
+        elif name == "head":
+            assert changed == seen[1][1]
+        else:
+            assert changed == seen[names.index(name)][1] - seen[names.index(name) - 1][1]
     with pytest.raises(ValueError, match=r"stages must be in 1\.\.7"):
         next(cascading_randomisation(trained, stages=8))
 
@@ -137,6 +147,22 @@ def test_gradient_maps_decorrelate(trained: ViTClassifier) -> None:
     assert float(metric.compute()) < 0.5
 
 
+class Zeros(AttributionMethod):
+    """All-zero maps: no ranking to correlate."""
+
+    def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
+        return images.new_zeros(images.shape[0], *model.grid_size(images))
+
+
+def test_constant_maps_are_undefined_and_logged(trained: ViTClassifier, caplog) -> None:
+    metric = CascadingRandomisation(stages=1, method=Zeros())
+    with caplog.at_level(logging.WARNING):
+        metric.update(_batch(trained, Zeros(), [0, 1]), trained)
+        value = metric.compute()
+    assert value.isnan() and metric.per_sample()[2].isnan().all()
+    assert "no rank correlation" in caplog.text and "2 of 2 values undefined" in caplog.text
+
+
 def test_needs_method_and_model(trained: ViTClassifier) -> None:
     batch = _batch(trained, PatchBrightness(), [0])
     with pytest.raises(ValueError, match="re-runs the attribution method"):
@@ -199,3 +225,22 @@ def test_sanity_config_end_to_end(compose_cfg, tmp_path: Path) -> None:
     with open(Path(cfg.output_dir) / "per_image.csv") as fh:
         header = next(csv.reader(fh))
     assert {"sanity", "sanity/head", "sanity/block5"} <= set(header)
+
+
+@pytest.mark.ddp
+def test_localisation_and_sanity_ddp_sim_equal_one_process(compose_cfg, tmp_path: Path) -> None:
+    """Two real processes (gloo): padded ranks, a one-map batch, per-stage extra results, dataset-level sums."""
+    common = [
+        "metric=localisation",
+        "+metric.sanity={_target_:caap.metrics.CascadingRandomisation,stages:2}",
+        "method=input_x_gradient",
+        "data.limit=5",
+        "data.batch_size=2",
+        "logger=csv",
+        "media_images=0",
+    ]
+    single = evaluate(compose_cfg(*common, f"output_dir={tmp_path / 'one'}"))
+    double = evaluate(compose_cfg(*common, "trainer=ddp_sim", f"output_dir={tmp_path / 'two'}"))
+    assert set(single) == set(double) and "sanity/head" in single
+    for name in single:
+        assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name

@@ -29,6 +29,13 @@ class ModelConfig:
     multilabel: bool = False
     class_names: list[str] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "timm"  # timm | dinov2_linear | clip_zeroshot
+    head_weights: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str | None = "openai"
+    prompts: str = "openai"
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """`evaluate(cfg)`: build the configured model, method, data, metrics and loggers, run the loop, return metrics.
 
 Outputs (a contract that reports and resumption rely on), all in `cfg.output_dir`:
-`metrics.json` (final metric values and run facts), `per_image.csv` (one row per image and class), `maps/`
+`metrics.json` (final metric values, each metric's `higher_is_better`, and run facts), `curves.json` (the mean
+curve `{"x": [K], "y": [K]}` of each curve metric, e.g. deletion / insertion), `images.safetensors` (the
+first `report_images` images, uint8 `[3, H, W]` by dataset index), `per_image.csv` (one row per image and class), `maps/`
 (safetensors keyed by dataset index and class, see `caap.maps_io`), `config.yaml` (the composed config), `csv/`
 (Lightning's CSV log) and `wandb/` (the offline W&B run, when the wandb logger is on).
 """
@@ -25,7 +27,7 @@ from rich.table import Table
 
 from caap.data import AttributionDataModule
 from caap.layer_selection import LayerSelection, apply_selection, log_selection, select_layer_range
-from caap.lit.callbacks import MapWriter, RunOutputs, WandbMedia
+from caap.lit.callbacks import MapWriter, RunOutputs, SampleImages, WandbMedia
 from caap.lit.module import AttributionModule
 from caap.metrics.base import AttributionMetric
 from caap.models.vit import ViTClassifier
@@ -45,10 +47,13 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataModule:
     """The datamodule of `cfg.data`; dataset keys left null (`image_size`, `class_names`, `num_classes`) are
     filled from the model."""
+    data_config = getattr(model, "data_config", None) or {}
     from_model = {
-        "image_size": int(model.model.patch_embed.img_size[0]),  # the size the model was built for
+        "image_size": int(model.image_size[0]),  # the size the model was built for
         "class_names": model.class_names,
         "num_classes": model.num_classes,
+        "crop_pct": data_config.get("crop_pct"),  # timm's evaluation preprocessing of the model
+        "interpolation": data_config.get("interpolation"),
     }
     fill = {
         k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
@@ -184,6 +189,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
         method.prepare(datamodule.dataset)
     metrics = build_metrics(cfg.metric, datamodule)
+    for (
+        metric
+    ) in metrics.values():  # e.g. token dropping on a model that cannot drop tokens: fail before maps
+        if hasattr(metric, "check_model"):
+            metric.check_model(model)
     loggers = build_loggers(
         cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
     )
@@ -218,6 +228,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         RunOutputs(output_dir, class_names, facts),
         WandbMedia(cfg.media_images, class_names),
     ]
+    if cfg.get("report_images", 0):  # images for the map gallery of `python -m caap.report`
+        callbacks.append(SampleImages(output_dir, cfg.report_images))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
     )

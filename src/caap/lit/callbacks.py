@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
+from safetensors.torch import save_file
 
 from caap.batch import AttributionBatch
 from caap.lit.media import overlay_panel
@@ -81,13 +83,55 @@ class RunOutputs(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = per_sample_rows(pl_module, self.class_names)
         payload = {"metrics": pl_module.results, "num_maps": len(rows), **self.extra}
+        payload["higher_is_better"] = {
+            name: bool(getattr(metric, "higher_is_better", True))
+            for name, metric in pl_module.metrics.items()
+        }
         (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
+        if pl_module.curves:  # {metric: {"x": [K], "y": [K]}}: the mean curve of each curve metric
+            curves = {name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()}
+            (self.folder / "curves.json").write_text(json.dumps(curves))
         if rows:
             fields = list(dict.fromkeys(k for row in rows for k in row))
             with open(self.folder / "per_image.csv", "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
+
+
+class SampleImages(L.Callback):
+    """Writes the first `num_images` evaluated images (rank 0) to `folder/images.safetensors` for reports.
+
+    Tensors are named by dataset index, `[3, H, W]` uint8 (pixel space, as the method saw them); 56 px
+    FashionGrid images take 9 KB each, 224 px ones 150 KB. `caap.report` draws its map gallery over them.
+    """
+
+    def __init__(self, folder: str | Path, num_images: int = 8) -> None:
+        self.path = Path(folder) / "images.safetensors"
+        self.num_images = num_images
+        self.images: dict[str, Any] = {}
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not outputs or trainer.global_rank != 0 or len(self.images) >= self.num_images:
+            return
+        attribution: AttributionBatch = outputs["batch"]
+        for p in range(len(attribution)):
+            key = str(int(attribution.index[p]))
+            if key not in self.images and len(self.images) < self.num_images:
+                image = attribution.images[p].detach().float().clamp(0, 1).mul(255).round()
+                self.images[key] = image.to(torch.uint8).cpu().contiguous()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.images and trainer.global_rank == 0:
+            save_file(self.images, str(self.path))
 
 
 class WandbMedia(L.Callback):

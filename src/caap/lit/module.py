@@ -44,6 +44,7 @@ class AttributionModule(L.LightningModule):
         self.target = target
         self.results: dict[str, float] = {}
         self.per_sample: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        self.curves: dict[str, tuple[Tensor, Tensor]] = {}  # curve metrics: (x [K], mean curve [K])
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
         # maps of a resumed run, `{(index, class): [gh, gw]}`: those pairs are read, not recomputed (caap.resume)
@@ -124,5 +125,7 @@ class AttributionModule(L.LightningModule):
                     self.per_sample[f"{name}/{key}"] = value
                 for key, value in getattr(metric, "extra_results", dict)().items():
                     self.results[f"{name}/{key}"] = float(value)
+            if callable(getattr(metric, "curve", None)):  # a collective call: every rank makes it
+                self.curves[name] = metric.curve()
         if self.results:
             self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)

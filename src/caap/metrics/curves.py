@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from caap.batch import AttributionBatch
+from caap.metrics._cache import BATCH_CACHE
 from caap.metrics.base import AttributionMetric, _cat, _nonempty
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,10 @@ class CurveMetric(AttributionMetric):
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
         """Store the per-pair area `[P]` (returned) and curves `[P, S]` of this batch."""
-        warn_degenerate_maps(self.name, batch.maps)
+        memo = BATCH_CACHE.entry(batch)
+        if "maps-checked" not in memo:  # one warning per batch, not one per curve metric
+            memo["maps-checked"] = True
+            warn_degenerate_maps(self.name, batch.maps)
         curves = self.curves_of(batch, model).detach().double()
         values = self._append(self.auc(curves), batch)
         self.curves.append(curves.to(values.device))

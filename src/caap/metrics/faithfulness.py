@@ -30,6 +30,7 @@ from caap.metrics.functional.faithfulness import (
     REMOVALS,
     check_ratios,
     check_removal,
+    check_replace_baseline,
     check_score,
     higher_is_better,
     removal_axis,
@@ -51,6 +52,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, DictConfig):
+        return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
+    return dict(value)
 
 
 def _model(metric: CurveMetric, model: torch.nn.Module | None) -> ViTClassifier:
@@ -91,6 +98,8 @@ class _TokenFaithfulness(CurveMetric):
         if removal not in REMOVALS:
             raise ValueError(f"{self.name}: removal='{removal}' is not supported; allowed: {list(REMOVALS)}")
         self.removal = removal
+        if removal == "replace":
+            check_replace_baseline(baseline if isinstance(baseline, str) else _plain_dict(baseline))
         self.baseline = _plain(baseline) if not isinstance(baseline, str) else baseline
         if int(max_batch) < 1:
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
@@ -142,6 +151,11 @@ class _TokenFaithfulness(CurveMetric):
             for o, out in res.items():
                 memo[(key, o)] = out
         return {o: memo[(key, o)] for o in self.needs}
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse, before any map is computed, a model this metric cannot score (e.g. `removal=drop` on a
+        model whose head needs the full token grid, or an MLP-Mixer)."""
+        check_removal(_model(self, model), self.removal)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""

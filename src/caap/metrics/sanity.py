@@ -41,6 +41,8 @@ class CascadingRandomisation(AttributionMetric):
         absolute: compare |maps| instead of signed maps (Adebayo et al. report both).
         ssim: also compute SSIM per stage (`extra_results` keys `ssim/<stage>`).
         seed: seed of the re-initialisation (stage s uses seed + s).
+        cumulative: True (cascading, Adebayo et al.'s main test) or False (independent: each stage randomises
+            only its own layer(s) of the trained model).
         control: also re-run the method on the unrandomised copy (stage 'original', not in the mean): 1 for a
             deterministic method, the reference the cascade falls from.
         method: the attribution method; None until the run's module hands over its own.
@@ -57,6 +59,7 @@ class CascadingRandomisation(AttributionMetric):
         ssim: bool = True,
         seed: int = 0,
         control: bool = True,
+        cumulative: bool = True,
         method: Any = None,
         name: str | None = None,
         **kwargs: Any,
@@ -69,6 +72,7 @@ class CascadingRandomisation(AttributionMetric):
         self.with_ssim = bool(ssim)
         self.seed = int(seed)
         self.control = bool(control)
+        self.cumulative = bool(cumulative)
         self.method = method
         self.stage_names: list[str] = []
         self.add_state("spearman", default=[], dist_reduce_fx="cat")  # [P, S] per update
@@ -86,7 +90,9 @@ class CascadingRandomisation(AttributionMetric):
         images, classes = batch.images, batch.classes.long()
         size = tuple(images.shape[-2:])
         rhos, ssims, names = [], [], []
-        for name, randomised in cascading_randomisation(model, self.stages, self.seed, self.control):
+        for name, randomised in cascading_randomisation(
+            model, self.stages, self.seed, self.control, self.cumulative
+        ):
             maps = self.method(randomised, images, classes).to(original.device).float()
             maps = maps.abs() if self.absolute else maps
             rhos.append(spearman_per_map(original, maps))

@@ -1,7 +1,7 @@
 """Building timm ViTs and the residual-stream surface (`ViTClassifier`) methods rely on."""
 
-from caap.models.build import build_model, set_fused_attn
+from caap.models.build import build_model, model_depth, set_fused_attn
 from caap.models.fashiongrid import FASHIONGRID_MODEL
 from caap.models.vit import ViTClassifier
 
-__all__ = ["FASHIONGRID_MODEL", "ViTClassifier", "build_model", "set_fused_attn"]
+__all__ = ["FASHIONGRID_MODEL", "ViTClassifier", "build_model", "model_depth", "set_fused_attn"]

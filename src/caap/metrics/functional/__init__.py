@@ -31,7 +31,6 @@ __all__ = [
 from caap.metrics.functional.localisation import (
     bounding_boxes,
     class_discrimination,
-    dilate,
     energy_pointing_game,
     positive_energy_share,
     tolerant_pointing_game,
@@ -58,7 +57,6 @@ __all__ += [
     "cascade_stages",
     "cascading_randomisation",
     "class_discrimination",
-    "dilate",
     "energy_pointing_game",
     "gur_average_precision",
     "mean_iou",

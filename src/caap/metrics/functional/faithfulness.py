@@ -19,8 +19,10 @@ Per removal ratio the curve holds one of these scores of the target class (`SCOR
 | `aopc`     | p_0 - p_r (LibraGrad's per-ratio AOPC)             | higher     | lower      |
 | `log_odds` | log p_0 - log p_r (LibraGrad's "LOdds")            | higher     | lower      |
 
-(`aopc` and `log_odds` are drops from the unperturbed value, as in PyNight's `compute_aopc_lodds` that the
-LibraGrad harness calls, so they flip the direction.) The area is the trapezoid rule over the ratio axis
+(`top1` asks whether the target is the model's arg-max class; on a multi-label image only one present class
+can be, so its unperturbed value averages below 1 under target=label. `aopc` and `log_odds` are drops from
+the unperturbed value, as in PyNight's `compute_aopc_lodds` that the LibraGrad harness calls, so they flip
+the direction.) The area is the trapezoid rule over the ratio axis
 *including the unmasked end* r = 0 (`removal_axis`): with the default ratios 0.1 .. 0.9 the x axis is
 0, 0.1, ..., 0.9, as in LibraGrad's tables. The unperturbed value comes from one plain forward.
 
@@ -62,7 +64,8 @@ SCORES: tuple[str, ...] = ("prob", "logit", "top1", "aopc", "log_odds")
 DROP_SCORES: tuple[str, ...] = ("aopc", "log_odds")
 """Scores measured as a drop from the unperturbed value: their better direction is flipped."""
 REMOVALS: tuple[str, ...] = ("drop", "replace")
-REPLACE_BASELINES: tuple[str, ...] = ("black", "mean_color", "blur", "zero")
+REPLACE_BASELINES: tuple[str, ...] = ("black", "mean_color", "mean", "blur", "zero")
+"""`mean` = `mean_color` with the model's normalisation mean (a zero input after normalisation)."""
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 10))
 """0.1, ..., 0.9: LibraGrad's removal ratios; the unmasked end 0 is added by `removal_axis`."""
 
@@ -165,6 +168,8 @@ def can_drop_tokens(model: ViTClassifier) -> bool:
     declared = getattr(model, "can_drop_tokens", None)
     if declared is not None:
         return bool(declared)
+    if not getattr(model, "has_attention", True):  # MLP-Mixer: token-mixing MLPs need the full sequence
+        return False
     pool = getattr(getattr(model, "model", None), "global_pool", None)
     if pool == "token":
         return model.num_prefix_tokens > 0
@@ -184,23 +189,33 @@ def check_removal(model: ViTClassifier, removal: str) -> None:
         )
 
 
+def check_replace_baseline(baseline: str | Mapping[str, Any]) -> Any:
+    """The `NeutralContext` of a replacement `baseline` (None for `zero`); a clear error for anything else."""
+    from caap.methods.neutral import build_neutral  # local: methods import metrics helpers
+
+    options = {"kind": baseline} if isinstance(baseline, str) else dict(baseline)
+    kind = options.get("kind")
+    if kind not in REPLACE_BASELINES:
+        raise ValueError(
+            f"replace baseline {baseline!r} is not supported; allowed kinds: {list(REPLACE_BASELINES)}"
+        )
+    if kind == "zero":
+        return None
+    if kind == "mean":
+        options["kind"] = "mean_color"
+    return build_neutral(options)
+
+
 def replacement_tokens(model: ViTClassifier, images: Tensor, baseline: str | Mapping[str, Any]) -> Tensor:
     """Baseline token embeddings `[P, T, D]` for `removal=replace`.
 
     `baseline`: `zero` (all-zero tokens), or a neutral image (`black`, `mean_color` with optional `rgb`, `blur`
     with `sigma` / `kernel_size`, as `caap.methods.neutral.build_neutral` takes them) whose `r_0` is used.
     """
-    from caap.methods.neutral import build_neutral  # local: methods import metrics helpers
-
-    kind = baseline if isinstance(baseline, str) else dict(baseline).get("kind")
-    if kind not in REPLACE_BASELINES:
-        raise ValueError(
-            f"replace baseline {baseline!r} is not supported; allowed kinds: {list(REPLACE_BASELINES)}"
-        )
-    if kind == "zero":
+    neutral = check_replace_baseline(baseline)
+    if neutral is None:  # zero tokens
         r0 = model.embed(images[:1])
         return r0.new_zeros(images.shape[0], *r0.shape[1:])
-    neutral = build_neutral(baseline)
     base = neutral.images(images, model)  # [1, 1 | P, 3, H, W]
     base = base[0].expand(images.shape[0], *images.shape[1:])
     return model.embed(base.to(images.dtype))
@@ -241,7 +256,7 @@ def token_removal_outcomes(
         ratios: K removal ratios in (0, 1]; default 0.1, ..., 0.9.
         orders: which of 'mif' / 'lif' to compute; they share the batches.
         removal: 'drop' (tokens leave the sequence) or 'replace' (tokens replaced by `baseline`'s).
-        baseline: for 'replace': 'black', 'mean_color', 'blur' (or a mapping with options) or 'zero'.
+        baseline: for 'replace': 'black', 'mean' / 'mean_color', 'blur' (or a mapping with options) or 'zero'.
         max_batch: most sequences per forward pass.
 
     Returns:
@@ -269,7 +284,7 @@ def token_removal_outcomes(
     r0 = model.embed(images)  # [P, T, D]
     d = r0.shape[-1]
     pairs = torch.arange(p, device=device)
-    # one row per (order, step, pair): (row position in the output, pair, kept indices [kept])
+    # rows are (order, step) keys x pairs: key i, pair j is row i * P + j of a group's batch
     out = {o: Outcomes(*(torch.full((p, k), float("nan"), device=device) for _ in range(3))) for o in orders}
 
     def store(keys: list[tuple[str, int]], logits: Tensor, rows_pair: Tensor) -> None:

@@ -17,7 +17,6 @@ a non-finite map, an empty region); the metric wrappers skip, count and log thos
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from caap.metrics.functional.pointing import mask_patch_counts
@@ -33,19 +32,18 @@ def _check_pairs(maps: Tensor, masks: Tensor) -> None:
         )
 
 
-def dilate(masks: Tensor, radius: float) -> Tensor:
-    """Masks `[P, H, W]` grown by a Euclidean `radius` in pixels (a pixel is set when some mask pixel lies within
-    distance `radius` of it); radius 0 returns the masks unchanged."""
-    if radius < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {radius}")
-    masks = masks.bool()
-    r = int(radius)
-    if r == 0 or masks.numel() == 0:
-        return masks
-    offsets = torch.arange(-r, r + 1, device=masks.device, dtype=torch.float32)
-    disk = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= float(radius) ** 2).float()
-    grown = F.conv2d(masks[:, None].float(), disk[None, None], padding=r)
-    return grown[:, 0] > 0.5
+def _owner(size: int, cells: int, device: torch.device) -> Tensor:
+    """`[size]` patch coordinate of each pixel coordinate under nearest upsampling (as `pointing.py`)."""
+    return torch.div(torch.arange(size, device=device) * cells, size, rounding_mode="floor")
+
+
+def _gap_to_block(owner: Tensor, block: Tensor) -> Tensor:
+    """`[P, S]` pixel distance along one axis from each coordinate to the pixel span of patch `block[p]`."""
+    idx = torch.arange(owner.numel(), device=owner.device)
+    inside = owner[None, :] == block[:, None]
+    lo = torch.where(inside, idx, owner.numel()).amin(1, keepdim=True)
+    hi = torch.where(inside, idx, -1).amax(1, keepdim=True)
+    return ((lo - idx).clamp_min(0) + (idx - hi).clamp_min(0)).to(torch.float64)
 
 
 def tolerant_pointing_game(maps: Tensor, masks: Tensor, tolerance: float = DEFAULT_TOLERANCE) -> Tensor:
@@ -53,8 +51,9 @@ def tolerant_pointing_game(maps: Tensor, masks: Tensor, tolerance: float = DEFAU
     ECCV 2016, which allows 15 pixels).
 
     The maximum point of a patch-grid map is its arg-max patch (ties: first in row-major order), i.e. that
-    patch's block of pixels in the nearest-upsampled map. A hit (1.0) when some pixel of that block lies within
-    `tolerance` pixels (Euclidean) of a mask pixel, else 0.0. `tolerance=0` is the plain `pointing_game`.
+    patch's block of pixels in the nearest-upsampled map. A hit (1.0) when some mask pixel lies within
+    `tolerance` pixels (Euclidean) of that block, else 0.0. `tolerance=0` is the plain `pointing_game`.
+    Computed exactly from each pixel's distance to the block (O(P x H x W), no dilation).
 
     Args:
         maps: `[P, gh, gw]` patch-grid attributions.
@@ -65,11 +64,18 @@ def tolerant_pointing_game(maps: Tensor, masks: Tensor, tolerance: float = DEFAU
         `[P]` float64 in {0, 1}; NaN for a map with a non-finite entry or an empty mask (nothing to point at).
     """
     _check_pairs(maps, masks)
-    inside, _ = mask_patch_counts(dilate(masks, tolerance), tuple(maps.shape[-2:]))
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    (gh, gw), (h, w) = maps.shape[-2:], masks.shape[-2:]
+    if h < gh or w < gw:
+        raise ValueError(f"masks of {h}x{w} pixels are smaller than the {gh}x{gw} patch grid")
     flat = maps.reshape(maps.shape[0], -1)
     best = torch.nan_to_num(flat, nan=-torch.inf).argmax(1)  # first maximum
-    hit = (inside.flatten(1).gather(1, best[:, None]).squeeze(1) > 0).to(torch.float64)
-    defined = torch.isfinite(flat).all(1) & masks.flatten(1).any(1)
+    dy = _gap_to_block(_owner(h, gh, masks.device), best.to(masks.device) // gw)  # [P, H]
+    dx = _gap_to_block(_owner(w, gw, masks.device), best.to(masks.device) % gw)  # [P, W]
+    near = dy[:, :, None] ** 2 + dx[:, None, :] ** 2 <= float(tolerance) ** 2  # [P, H, W]
+    hit = (near & masks.bool()).flatten(1).any(1).to(torch.float64).to(maps.device)
+    defined = torch.isfinite(flat).all(1) & masks.flatten(1).any(1).to(maps.device)
     return torch.where(defined, hit, torch.full_like(hit, float("nan")))
 
 

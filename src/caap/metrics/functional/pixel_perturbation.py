@@ -30,7 +30,7 @@ from caap.metrics.functional.faithfulness import Outcomes, outcomes_from_logits
 from caap.models.vit import ViTClassifier
 
 PIXEL_MODES: tuple[str, ...] = ("deletion", "insertion")
-PIXEL_BASELINES: tuple[str, ...] = ("zero", "black", "mean_color", "blur")
+PIXEL_BASELINES: tuple[str, ...] = ("zero", "mean", "black", "mean_color", "blur")
 UPSAMPLING: tuple[str, ...] = ("bilinear", "nearest")
 RISE_BLUR: dict[str, Any] = {"kind": "blur", "sigma": 5.0, "kernel_size": 11}
 
@@ -68,7 +68,7 @@ def baseline_images(model: ViTClassifier, images: Tensor, baseline: str | Mappin
     kind = options.get("kind")
     if kind not in PIXEL_BASELINES:
         raise ValueError(f"baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}")
-    if kind == "zero":
+    if kind in ("zero", "mean"):  # a zero input after normalisation = the model's mean colour
         options = {"kind": "mean_color"}
     elif kind == "blur":
         options = {**RISE_BLUR, **options}
@@ -92,7 +92,8 @@ def pixel_perturbation_outcomes(
     """`Outcomes` `[P, steps + 1]` along the RISE deletion or insertion path (see the module docstring).
 
     Args:
-        images: `[P, 3, H, W]` in [0, 1]; maps `[P, gh, gw]`; classes `[P]`.
+        images: `[P, 3, H, W]` in [0, 1]; maps `[P, gh, gw]` (any resolution, upsampled to H x W; pixel-level
+            maps are used as they are); classes `[P]`.
         steps: K; None = H (W pixels a step at a square image, as RISE).
         full: the unperturbed outcomes `[P]` if already known (the image end of the path is not rerun).
     """

@@ -45,14 +45,19 @@ def reinitialise(module: nn.Module) -> None:
 
 @torch.no_grad()
 def cascading_randomisation(
-    model: ViTClassifier, stages: int | None = None, seed: int = 0, control: bool = False
+    model: ViTClassifier,
+    stages: int | None = None,
+    seed: int = 0,
+    control: bool = False,
+    cumulative: bool = True,
 ) -> Iterator[tuple[str, ViTClassifier]]:
     """Yield `(stage name, randomised copy)` for the first `stages` stages of the cascade (all: head + L blocks).
 
     One deep copy of `model` is made and randomised further at each stage (cumulative, top first), so the
     copy yielded at stage s has the head and the s-1 top blocks re-initialised; consume each before the next.
     `control=True` first yields `('original', the unrandomised copy)`: the method re-run on the same weights,
-    the reference a deterministic method reproduces exactly (correlation 1).
+    the reference a deterministic method reproduces exactly (correlation 1). `cumulative=False` is Adebayo et
+    al.'s *independent* randomisation: each stage re-initialises only its own layer(s) on a fresh copy.
     """
     names = cascade_stages(model.depth)
     n = len(names) if stages is None else int(stages)
@@ -63,6 +68,8 @@ def cascading_randomisation(
         yield "original", copy_
     devices = [copy_.mean.device] if copy_.mean.device.type == "cuda" else []
     for s, name in enumerate(names[:n]):
+        if not cumulative and (s > 0 or control):
+            copy_ = copy.deepcopy(model)
         targets = _head_modules(copy_) if name == "head" else [copy_.blocks[int(name[len("block") :])]]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + s)

@@ -117,6 +117,9 @@ def _per_image_ap(scores: Tensor, target: Tensor) -> Tensor:
     positives = (target == 1).any(1)
     if scores.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=scores.device)
+    p = scores.shape[0]
+    if p == 1:  # torchmetrics' multilabel AP needs two labels or more: score the row twice
+        scores, target = scores.expand(2, -1), target.expand(2, -1)
     with warnings.catch_warnings():  # rows without positives are set to NaN below
         warnings.filterwarnings("ignore", message="No positive samples")
         ap = multilabel_average_precision(
@@ -126,7 +129,7 @@ def _per_image_ap(scores: Tensor, target: Tensor) -> Tensor:
             average="none",
             ignore_index=-1,
         )
-    ap = ap.reshape(-1).to(torch.float64)
+    ap = ap.reshape(-1)[:p].to(torch.float64)
     return torch.where(finite & positives, ap, float("nan"))
 
 

@@ -1,0 +1,81 @@
+"""`build_report(dir)`: read the runs, write report.md, report.csv and report.html, log to W&B."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from caap.report import figures as fig
+from caap.report.page import render_page
+from caap.report.runs import RunRecord, load_runs
+from caap.report.table import higher_is_better, metric_names, to_csv, to_markdown
+
+log = logging.getLogger(__name__)
+
+
+def make_figures(
+    records: list[RunRecord], rank_by: str | None = None, gallery_maps: int = 6
+) -> dict[str, list[tuple[str, bytes]]]:
+    """`{section: [(caption, png)]}`: layer-range heatmaps (CAAP runs over at least two ranges, one figure per
+    otherwise-equal variant), mean curves, and the map gallery of each method's best run by `rank_by` (default:
+    the first metric)."""
+    higher = higher_is_better(records)
+    sections: dict[str, list[tuple[str, bytes]]] = {"Layer ranges": [], "Curves": [], "Maps": []}
+    variants: dict[str, list[RunRecord]] = defaultdict(list)
+    for r in records:
+        if r.layer_range is not None and r.depth is not None:
+            variants[r.variant].append(r)
+    for variant, runs in variants.items():
+        if len({r.layer_range for r in runs}) >= 2:
+            caption = f"{variant}: metric by CAAP layer range (start x stop, positions 0..{runs[0].depth}); best boxed"
+            sections["Layer ranges"].append(
+                (caption, fig.png_bytes(fig.layer_heatmaps(runs, higher, variant)))
+            )
+    curves = fig.curve_figure(records, higher)
+    if curves is not None:
+        sections["Curves"].append(
+            ("mean curves of each method's best run (AUC in the legend)", fig.png_bytes(curves))
+        )
+    metric = rank_by or metric_names(records)[0]
+    if metric not in higher:
+        raise ValueError(f"rank_by={metric!r} is not a metric of these runs; available: {sorted(higher)}")
+    chosen = fig.representatives(records, metric, higher[metric])
+    class_names = (chosen[0].config.get("model") or {}).get("class_names") if chosen else None
+    gallery = fig.gallery_figure(chosen, class_names, gallery_maps)
+    if gallery is not None:
+        caption = f"maps over the images (red +, blue -): best run of each method by {metric}"
+        sections["Maps"].append((caption, fig.png_bytes(gallery)))
+    return sections
+
+
+def build_report(
+    source: str | Path | list[str | Path],
+    out_dir: str | Path | None = None,
+    rank_by: str | None = None,
+    wandb: bool = True,
+    gallery_maps: int = 6,
+) -> dict[str, Path]:
+    """Write `report.md`, `report.csv` and `report.html` for the run or multirun folder `source` (or several,
+    reported together) into `out_dir` (default `<first source>/report`), and log the table and figures to a
+    W&B summary run (`wandb`). Returns the written paths (`md`, `csv`, `html`, and `wandb` when logged)."""
+    sources = [Path(s) for s in (source if isinstance(source, list) else [source])]
+    source = sources[0]
+    out = Path(out_dir) if out_dir is not None else source / "report"
+    records = load_runs(*sources)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(records, rank_by, gallery_maps)
+    title = "caap report: " + " + ".join(s.resolve().name for s in sources)
+    where = ", ".join(str(s) for s in sources)
+    paths = {"md": out / "report.md", "csv": out / "report.csv", "html": out / "report.html"}
+    paths["md"].write_text(
+        f"# {title}\n\n{len(records)} runs from `{where}`; best per metric in bold.\n\n"
+        + to_markdown(records)
+    )
+    paths["csv"].write_text(to_csv(records))
+    paths["html"].write_text(render_page(title, where, records, figures))
+    if wandb:
+        from caap.report.wandb_summary import log_summary
+
+        paths["wandb"] = log_summary(records, source, out, figures)
+    return paths

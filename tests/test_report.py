@@ -1,0 +1,197 @@
+"""`caap.report`: tables with the best per metric, figures, a self-contained page that Chromium renders with
+every image loaded, and the W&B summary run; built from real run folders of `caap.run.evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from caap.config import register_schemas
+from caap.paths import CONF_DIR, REPO_ROOT
+from caap.report import build_report, latest_run_dir, load_runs
+from caap.report.runs import RunRecord
+from caap.report.table import best_runs, to_csv, to_markdown
+from caap.report.wandb_summary import TABLE_KEY
+from test_run import read_wandb_records
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+RUNS = [  # (folder, overrides): two CAAP layer ranges and the random floor, on the same two images
+    ("0_layers.stop=1", ["method=caap", "layers.start=0", "layers.stop=1"]),
+    ("1_layers.stop=2", ["method=caap", "layers.start=0", "layers.stop=2"]),
+    ("2_method=random", ["method=random"]),
+]
+FAST = ["model=test_vit", "data=synthetic", "data.limit=2", "logger=csv", "media_images=0"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A multirun-shaped folder of three real runs (evaluate + the overrides Hydra would have recorded)."""
+    from hydra import compose, initialize_config_dir
+
+    from caap.run import evaluate
+
+    register_schemas()
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "multirun.yaml").write_text("{}\n")
+    for folder, overrides in RUNS:
+        out = root / folder
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                "config",
+                overrides=[*FAST, *overrides, "trainer.enable_progress_bar=false", f"output_dir='{out}'"],
+            )
+        evaluate(cfg)
+        (out / ".hydra").mkdir()
+        (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(sweep: Path, tmp_path_factory) -> dict[str, Path]:
+    """The report of `sweep` (tables, page, W&B summary run), built once."""
+    return build_report(sweep, tmp_path_factory.mktemp("report"), wandb=True)
+
+
+def record(label: str, metrics: dict[str, float], higher: dict[str, bool]) -> RunRecord:
+    return RunRecord(Path(label), "m", [], {}, metrics, higher, label=label)
+
+
+def test_best_per_column_respects_higher_is_better() -> None:
+    higher = {"deletion": False, "insertion": True}
+    rows = [
+        record("a", {"deletion": 0.2, "insertion": 0.9}, higher),
+        record("b", {"deletion": 0.1, "insertion": math.nan}, higher),
+        record("c", {"deletion": 0.3, "insertion": 0.9}, higher),
+    ]
+    assert best_runs(rows) == {"deletion": [1], "insertion": [0, 2]}  # lower wins; ties all marked; NaN never
+    md = to_markdown(rows)
+    assert "deletion (↓)" in md and "insertion (↑)" in md
+    assert "**0.1000**" in md and "**0.2000**" not in md and md.count("**0.9000**") == 2
+    table = list(csv.DictReader(io.StringIO(to_csv(rows))))
+    assert [r["best_deletion"] for r in table] == ["0", "1", "0"]
+    assert [r["best_insertion"] for r in table] == ["1", "0", "1"]
+
+
+def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
+    written = json.loads((sweep / RUNS[0][0] / "metrics.json").read_text())
+    assert written["higher_is_better"] == {"deletion": False, "insertion": True, "grid_pointing": True}
+    curves = json.loads((sweep / RUNS[0][0] / "curves.json").read_text())
+    assert set(curves) == {"deletion", "insertion"}
+    x, y = curves["deletion"]["x"], curves["deletion"]["y"]
+    assert x[0] == 0.0 and x[-1] == 1.0 and len(x) == len(y)
+    # the trapezoid AUC of the mean curve is the mean per-image AUC (the metric's value)
+    auc = sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1))
+    assert auc == pytest.approx(written["metrics"]["deletion"], rel=1e-6)
+    assert (sweep / RUNS[0][0] / "images.safetensors").is_file()
+
+
+def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
+    records = load_runs(sweep)
+    caap = [f"caap layers.start=0,layers.stop={stop}" for stop in (1, 2)]
+    assert [r.label for r in records] == [*caap, "random"]
+    assert [r.layer_range for r in records] == [(0, 1), (0, 2), None]
+    assert latest_run_dir(sweep.parent) == sweep
+    md = report["md"].read_text()
+    for r in records:
+        assert r.label in md
+    for name in ("deletion", "insertion", "grid_pointing"):  # exactly one column winner per metric here
+        values = {r.label: r.metrics[name] for r in records}
+        best = (min if name == "deletion" else max)(values.values())
+        assert f"**{best:.4f}**" in md
+    rows = list(csv.DictReader(report["csv"].open()))
+    assert [r["layers_stop"] for r in rows] == ["1", "2", ""]
+
+
+def test_html_page_is_self_contained_and_renders_in_chromium(report: dict[str, Path], tmp_path: Path) -> None:
+    page = report["html"].read_text()
+    assert "<img" in page and not re.search(r'src="(?!data:image/png;base64,)', page)  # no external files
+    sections = [s for s in ("Layer ranges", "Curves", "Maps") if f"<h2>{s}</h2>" in page]
+    assert sections == ["Layer ranges", "Curves", "Maps"]
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
+    # the page plus a probe that, once everything loaded, writes how many <img> decoded (naturalWidth > 0)
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+        " const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
+        " document.body.setAttribute('data-images', ok + '/' + imgs.length); });</script>"
+    )
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe + "</body>"))
+    args = [CHROMIUM, "--headless", "--disable-gpu", "--dump-dom", "--virtual-time-budget=10000"]
+    if os.geteuid() == 0:
+        args.append("--no-sandbox")
+    proc = subprocess.run([*args, probed.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    match = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
+    assert match, proc.stdout[:500]
+    loaded, total = int(match.group(1)), int(match.group(2))
+    assert total == page.count("<img") >= 3 and loaded == total
+
+
+def test_wandb_summary_run_holds_the_table(sweep: Path, report: dict[str, Path]) -> None:
+    run_dir = report["wandb"]
+    assert run_dir.name.startswith("offline-run-")
+    # history items of logged media are flattened: nested_key = [key, field] -> value
+    items: dict[str, dict] = {}
+    for rec in read_wandb_records(run_dir):
+        if rec.WhichOneof("record_type") == "history":
+            for item in rec.history.item:
+                if len(item.nested_key) == 2:
+                    items.setdefault(item.nested_key[0], {})[item.nested_key[1]] = json.loads(item.value_json)
+    assert items[TABLE_KEY]["_type"] == "table-file"
+    assert any(k.startswith("report/layer_ranges/") for k in items)
+    table = json.loads((run_dir / "files" / items[TABLE_KEY]["path"]).read_text())
+    records = load_runs(sweep)
+    assert [row[0] for row in table["data"]] == [r.label for r in records]
+    col = table["columns"].index("deletion")
+    assert [row[col] for row in table["data"]] == pytest.approx([r.metrics["deletion"] for r in records])
+
+
+@pytest.mark.slow
+def test_report_command_on_a_real_multirun(tmp_path: Path) -> None:
+    """`python -m caap -m ...` then `python -m caap.report` (the default folder: the newest under outputs/)."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": str(REPO_ROOT / "src"),
+    }
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "caap",
+            "-m",
+            "method=caap,random",
+            *FAST,
+            "hydra.sweep.dir=outputs/multirun/x/y",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    report = subprocess.run(
+        [sys.executable, "-m", "caap.report"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    out = tmp_path / "outputs" / "multirun" / "x" / "y" / "report"
+    assert {"report.md", "report.csv", "report.html", "wandb"} <= {p.name for p in out.iterdir()}
+    assert "| caap |" in report.stdout and "| random |" in report.stdout
