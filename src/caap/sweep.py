@@ -124,8 +124,7 @@ class JobProgress(Callback):
         except Exception as err:  # e.g. a sweeper-specific syntax: the sweeper may write the count itself
             log.debug("could not count the jobs of %s: %s", overrides, err)
             return
-        write_sweep_size(config.hydra.sweep.dir, num_jobs)
-        print(f"sweep: {num_jobs} jobs -> {config.hydra.sweep.dir}", flush=True)
+        write_sweep_size(config.hydra.sweep.dir, num_jobs)  # a generating sweeper overwrites it (caap sweeper)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         label = job_label(config.hydra)
