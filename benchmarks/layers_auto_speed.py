@@ -34,7 +34,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model("vit_fashiongrid_patch7_56", pretrained=True, multilabel=True).eval()
-    data = FashionGrid(split="test", size=10000, seed=0, image_size=56)
+    data = FashionGrid(split="test", size=10000, seed=0)
     samples = [data[len(data) - 1 - i] for i in range(args.images)]
     images = torch.stack([s["image"] for s in samples])
     target = torch.stack([s["target"] for s in samples]).argmax(-1)

@@ -16,6 +16,7 @@ from caap.methods.caap import CAAP
 from caap.models import build_model
 from caap.models.layers import all_layer_ranges
 from caap.run import evaluate
+from test_run import read_wandb_records
 
 AUTO = [
     "data=synthetic",
@@ -48,7 +49,13 @@ def model():
 @pytest.mark.parametrize(
     "options",
     [
-        {"score": "delta", "neutral": "black"},
+        {"score": "delta", "mode": "hold", "neutral": "black"},
+        {
+            "score": "logit",
+            "mode": "hold",
+            "head_tokens_only": False,
+            "neutral": {"kind": "noise", "num_samples": 2},
+        },
         {"score": "prob", "mode": "inject", "window": 2, "neutral": {"kind": "blur", "sigma": 2.0}},
     ],
 )
@@ -60,7 +67,7 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
     method = CAAP(chunk_size=32, **options)
     got = dict(range_maps(method, model, images, target, ranges))
     assert list(got) == ranges
-    for start, stop in ranges[:: 3 if options["score"] == "delta" else 7]:
+    for start, stop in ranges[:: 1 if options["mode"] == "hold" else 5]:
         reference = CAAP(start=start, stop=stop, chunk_size=32, **options).attribute(model, images, target)
         torch.testing.assert_close(got[(start, stop)], reference, rtol=1e-5, atol=1e-5)
 
@@ -93,15 +100,37 @@ def test_layers_auto_chooses_on_calibration_and_evaluates_on_disjoint_images(com
     assert evaluated == {0, 1, 2, 3}
     assert not evaluated & set(chosen["calibration_indices"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["layers_auto"]["start"] == chosen["start"] and set(results) == {"grid_pointing"}
+    assert metrics["layers_auto"]["start"] == chosen["start"] and "grid_pointing" in results
 
 
 def test_layers_auto_sets_calibration_images_apart_from_an_unlimited_evaluation(compose_cfg) -> None:
-    cfg = compose_cfg(*AUTO, "data.limit=null", "data.dataset.size=8", "layers.calibration_images=2")
+    """With the default select_by (SRG, higher is better) and every image of the dataset evaluated."""
+    default_metric = [o for o in AUTO if not o.lstrip("+").startswith(("layers.select_by", "logger"))]
+    cfg = compose_cfg(
+        *default_metric, "data.limit=null", "data.dataset.size=8", "layers.calibration_images=2"
+    )
+    assert cfg.layers.select_by._target_ == "caap.metrics.SRG"
     evaluate(cfg)
     out = Path(cfg.output_dir)
     evaluated = {i for i, _ in load_maps(out / "maps")}
     assert evaluated == set(range(6))  # images 6 and 7 calibrated the range
+    chosen = json.loads((out / SELECTION_FILE).read_text())
+    assert chosen["metric"] == "SRG" and chosen["higher_is_better"] is True
+    assert chosen["value"] == max(r["value"] for r in chosen["landscape"])
+    # the choice and the landscape are in the W&B run
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = read_wandb_records(run_dir)
+    summary = {
+        i.key or "/".join(i.nested_key): i.value_json
+        for r in records
+        if r.HasField("summary")
+        for i in r.summary.update
+    }
+    history = {
+        i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item
+    }
+    assert (int(summary["layers/start"]), int(summary["layers/stop"])) == (chosen["start"], chosen["stop"])
+    assert any(k.startswith("layers/landscape") for k in history), sorted(history)
 
 
 def test_layers_auto_needs_caap(compose_cfg) -> None:

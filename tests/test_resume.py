@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from caap.maps_io import load_maps
@@ -25,6 +26,8 @@ COMMON = [
     "data.limit=6",
     "data.batch_size=2",
     "model=test_vit",
+    "model.img_size=28",
+    "data.dataset.image_size=28",
     "method=gradient",  # deterministic: a resumed run must reproduce the same maps
     "metric=localisation",  # per-image values without model passes (fast); the slow test uses deletion too
     "logger=csv",
@@ -73,21 +76,30 @@ def test_killed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path) -
 
 def test_finished_run_is_skipped(compose_cfg, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    first = evaluate(compose_cfg(*COMMON, f"output_dir={out}"))
+    out.mkdir()
+    finished = {"metrics": {"grid_pointing": 0.5}, "num_maps": 3, "finished": True}
+    (out / "metrics.json").write_text(json.dumps(finished))
     stamp = (out / "metrics.json").stat().st_mtime_ns
     again = evaluate(compose_cfg(*COMMON, f"output_dir={out}", f"resume={out}"))
-    assert again == first
-    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+    assert again == {"grid_pointing": 0.5}
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp and sorted(p.name for p in out.iterdir()) == [
+        "metrics.json"
+    ]
     assert "finished earlier, skipped" in capsys.readouterr().out
+    # a metrics.json without the finished mark (killed while writing its outputs) is not skipped
+    (out / "metrics.json").write_text(json.dumps({**finished, "finished": False}))
+    evaluate(compose_cfg(*COMMON, f"output_dir={out}", f"resume={out}"))
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
+    assert (out / "maps").is_dir()
 
 
 def test_resume_refuses_a_run_of_another_config(compose_cfg, tmp_path) -> None:
     out = tmp_path / "run"
-    (out / "maps").mkdir(parents=True)
-    evaluate(compose_cfg(*COMMON, f"output_dir={out}"))
-    (out / "metrics.json").unlink()  # killed before the end
+    out.mkdir()
+    OmegaConf.save(compose_cfg(*COMMON, f"output_dir={out}"), out / "config.yaml", resolve=True)
     with pytest.raises(ValueError, match=r"method\._target_"):
         evaluate(compose_cfg(*COMMON, "method=input_x_gradient", f"output_dir={out}", f"resume={out}"))
+    assert not (out / "maps").exists()
 
 
 def test_config_differences_ignore_where_and_how() -> None:

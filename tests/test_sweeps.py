@@ -170,7 +170,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path) -> None:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "sweep: 2 jobs" in proc.stdout
+    assert json.loads((sweep_dir / "sweep.json").read_text()) == {"num_jobs": 2}
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
     logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.out"))
@@ -179,7 +179,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path) -> None:
     names = set()
     for job in jobs:
         written = json.loads((job / "metrics.json").read_text())
-        assert set(written["metrics"]) == {"grid_pointing"} and written["finished"]
+        assert "grid_pointing" in written["metrics"] and written["finished"]
         group, name, config = _wandb_identity(job)
         assert group == "two"
         assert job.name.split("_", 1)[1] == name  # the W&B name is the job folder's override_dirname

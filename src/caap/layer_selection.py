@@ -6,11 +6,12 @@ of the model (`caap.models.layers.all_layer_ranges`) on a calibration split with
 the best. The calibration images are the last `layers.calibration_images` images of the dataset; they are
 removed from the evaluated images, so calibration and evaluation never share an image.
 
-The landscape is computed with the batched CAAP engine, sharing all the work that ranges share: one source
-pass per batch caches the patch tokens of every residual position, one neutral pass gives the neutral `r_start`
-of every start and the unpatched neutral logits (the same for every range), and then each range costs one
-`patched_scores` call, the only part that differs between ranges. `range_maps` equals `CAAP.attribute` run
-range by range (tested).
+The landscape is computed with the batched CAAP engine's pieces, sharing the work that ranges share: one
+source pass per batch caches the patch tokens of every residual position, one neutral pass gives the neutral
+`r_start` of every start and the unpatched neutral logits (the same for every range), and the patched runs of
+the ranges with one start are computed as one trunk with a branch per stop (`_branching_scores`: hold-mode
+runs of (s, e) and (s, e') agree through block e - 1), about half the block passes of one CAAP call per
+range. `range_maps` equals `CAAP.attribute` run range by range (tested).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from caap.batch import AttributionBatch
 from caap.data import AttributionDataModule
@@ -36,9 +37,12 @@ from caap.data.collate import collate_skip_none
 from caap.methods.caap import (
     CAAP,
     _cast_images,
+    _prefix_only_block,
+    _prefix_only_supported,
+    _score,
     group_rows_by_image,
+    head_reads_prefix_only,
     patch_positions,
-    patched_scores,
     source_states,
     window_masks,
 )
@@ -77,6 +81,76 @@ class LayerSelection:
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
 
+def _branching_scores(
+    model: ViTClassifier,
+    states: dict[int, Tensor],
+    prefix: Tensor,
+    targets: Tensor,
+    masks: Tensor,
+    start: int,
+    stops: Sequence[int],
+    method: CAAP,
+    chunk_size: int,
+    neutral_logits: Tensor,
+) -> dict[int, Tensor]:
+    """Scores `{stop: [B, K, n]}` of the patched runs of every range `(start, stop)`, `stop` in `stops`.
+
+    The ranges of one start share their patched runs up to their first difference: in `hold` mode the runs of
+    `(start, e)` and `(start, e')` with e < e' are the same through block e - 1, so one trunk run writes the
+    source tokens at every position and, at each position e in `stops`, a branch finishes the run without
+    writing (about half the block passes of running each range on its own). In `inject` mode (writes at
+    `start` only) every stop gives the same run, computed once.
+    """
+    depth, p = model.depth, model.num_prefix_tokens
+    batch, k = targets.shape
+    n = masks.shape[0]
+    fast = method.head_tokens_only and depth > start and head_reads_prefix_only(model)
+    fast = fast and _prefix_only_supported(model.blocks[depth - 1])
+    hold = method.mode == "hold"
+    last = max(stops) if hold else start + 1
+    write_at = {j for j in patch_positions(start, last, method.mode) if not (fast and j == depth)}
+    nl = neutral_logits.float()
+    neutral_t = None
+    if method.score == "delta":
+        neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, targets)
+    out = {e: torch.empty(batch * n, k, dtype=torch.float32, device=prefix.device) for e in stops}
+    masks = masks.to(prefix.device)
+    nb = prefix.shape[0]
+
+    def block(j: int, x: Tensor) -> Tensor:
+        return _prefix_only_block(model.blocks[j], x, p) if fast and j == depth - 1 else model.blocks[j](x)
+
+    def finish(x: Tensor, j: int) -> Tensor:  # blocks j..L-1 without writing, then the head
+        for i in range(j, depth):
+            x = block(i, x)
+        return model.head(x).float()
+
+    for q0 in range(0, batch * n, max(1, int(chunk_size))):
+        q1 = min(batch * n, q0 + int(chunk_size))
+        q = torch.arange(q0, q1, device=prefix.device)
+        b, w = q // n, q % n
+        rows, patch = masks[w].nonzero(as_tuple=True)
+        src_b, tok = b[rows], patch + p
+        x = prefix.index_select(0, b if nb > 1 else torch.zeros_like(b))
+        logits: dict[int, Tensor] = {}
+        for j in range(start, depth + 1):
+            if hold and j > start and j in out:
+                logits[j] = finish(x, j)  # range (start, j): written at start..j-1 (x is not modified)
+            if j in write_at and rows.numel():
+                x.index_put_((rows, tok), states[j][src_b, patch].to(x.dtype))
+            if j < depth:
+                x = block(j, x)
+        final = model.head(x).float()
+        for e in out:
+            if e not in logits:  # hold: stop = L + 1 (written through L); inject: every stop
+                logits[e] = final
+        for e, lg in logits.items():
+            out[e][q0:q1] = _score(
+                lg, targets[b], method.score, model.multilabel, None if neutral_t is None else neutral_t[b]
+            )
+    return {e: v.view(batch, n, k).permute(0, 2, 1) for e, v in out.items()}
+
+
 def range_maps(
     method: CAAP,
     model: ViTClassifier,
@@ -87,8 +161,10 @@ def range_maps(
     """CAAP maps `[B, gh, gw]` of `images [B, 3, H, W]` for `target [B]`, for each resolved range in `ranges`.
 
     Uses `method`'s mode, score, window, neutral context and chunking; equals `method.attribute` with
-    `start, stop` set to each range, with the source pass, the neutral prefixes and the unpatched neutral
-    logits computed once for all ranges.
+    `start, stop` set to each range. Shared between ranges: one source pass, one neutral pass (the neutral
+    `r_start` of every start and the unpatched logits), and the patched runs of ranges with the same start
+    up to where they differ (`_branching_scores`). Yields as each start is done: by start, then stop (the
+    order of `all_layer_ranges`).
     """
     gh, gw = model.grid_size(images)
     masks, index = window_masks(gh, gw, method.window, images.device)
@@ -111,27 +187,19 @@ def range_maps(
             prefixes.append(at)
             logits.append(model.head(x).float())  # unpatched neutral logits: the same for every start
         chunk = method.chunk_for(model, unique)
-        for start, stop in ranges:
-            total: Tensor | None = None
+    # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
+    for start in starts:
+        with torch.no_grad():
+            stops = sorted({e for s, e in ranges if s == start})
+            total: dict[int, Tensor] = {}
             for at, nl in zip(prefixes, logits, strict=True):
-                scores = patched_scores(
-                    model,
-                    states,
-                    at[start],
-                    targets,
-                    masks,
-                    start,
-                    stop,
-                    method.mode,
-                    method.score,
-                    chunk,
-                    nl,
-                    method.head_tokens_only,
+                scores = _branching_scores(
+                    model, states, at[start], targets, masks, start, stops, method, chunk, nl
                 )
-                total = scores if total is None else total + scores
-            assert total is not None
-            maps = (total / len(prefixes))[inverse, slot][:, index]
-            yield (start, stop), maps.view(images.shape[0], gh, gw)
+                total = scores if not total else {e: total[e] + scores[e] for e in stops}
+        for e in stops:
+            m = (total[e] / len(prefixes))[inverse, slot][:, index]
+            yield (start, e), m.view(images.shape[0], gh, gw)
 
 
 def calibration_indices(dataset_size: int, num_images: int) -> list[int]:
@@ -190,34 +258,34 @@ def select_layer_range(
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
     )
-    bar = tqdm(
-        total=len(loader) * len(ranges),
-        desc=f"layers=auto: {len(ranges)} ranges x {len(calib)} images",
-        disable=not progress,
-        unit="range",
-    )
-    for batch in loader:
-        if batch is None:
-            continue
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        rows, classes = selector.select_targets(batch)
-        images = batch["image"][rows]
-        masks = batch.get("masks") or {}
-        for (start, stop), maps in range_maps(method, model, images, classes, ranges):
-            attribution = AttributionBatch(
-                images=images,
-                maps=maps.float(),
-                classes=classes,
-                index=torch.as_tensor(batch["index"], device=device)[rows],
-                labels=batch["target"][rows] if batch.get("target") is not None else None,
-                cell_masks=masks["cell"][rows] if "cell" in masks else None,
-                item_masks=masks["item"][rows] if "item" in masks else None,
-                segmentation=batch["segmentation"][rows] if batch.get("segmentation") is not None else None,
-            )
-            with torch.no_grad():
-                metrics[(start, stop)].update(attribution, model)
-            bar.update(1)
-    bar.close()
+    # rich, like Lightning's test bar (tqdm is not a dependency of caap)
+    with Progress(disable=not progress, transient=False) as bar:
+        task = bar.add_task(
+            f"layers=auto: {len(ranges)} ranges x {len(calib)} images", total=len(loader) * len(ranges)
+        )
+        for batch in loader:
+            if batch is None:
+                continue
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            rows, classes = selector.select_targets(batch)
+            images = batch["image"][rows]
+            masks = batch.get("masks") or {}
+            for (start, stop), maps in range_maps(method, model, images, classes, ranges):
+                attribution = AttributionBatch(
+                    images=images,
+                    maps=maps.float(),
+                    classes=classes,
+                    index=torch.as_tensor(batch["index"], device=device)[rows],
+                    labels=batch["target"][rows] if batch.get("target") is not None else None,
+                    cell_masks=masks["cell"][rows] if "cell" in masks else None,
+                    item_masks=masks["item"][rows] if "item" in masks else None,
+                    segmentation=batch["segmentation"][rows]
+                    if batch.get("segmentation") is not None
+                    else None,
+                )
+                with torch.no_grad():
+                    metrics[(start, stop)].update(attribution, model)
+                bar.advance(task)
     landscape = [{"start": s, "stop": e, "value": float(metrics[(s, e)].compute())} for s, e in ranges]
     higher = bool(metric_template.higher_is_better)
     finite = [row for row in landscape if row["value"] == row["value"]]  # NaN: undefined on every image

@@ -124,8 +124,8 @@ class JobProgress(Callback):
         except Exception as err:  # e.g. a sweeper-specific syntax: the sweeper may write the count itself
             log.debug("could not count the jobs of %s: %s", overrides, err)
             return
+        # a sweeper that generates jobs (the caap sweeper's layers=all_pairs) overwrites it with the true count
         write_sweep_size(config.hydra.sweep.dir, num_jobs)
-        print(f"sweep: {num_jobs} jobs -> {config.hydra.sweep.dir}", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         label = job_label(config.hydra)

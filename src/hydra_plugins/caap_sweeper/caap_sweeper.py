@@ -78,9 +78,21 @@ class CaapSweeper(BasicSweeper):
                 [*job, *extra] for job in jobs for extra in generator(self._compose(job, override.input_line))
             ]
             log.info(f"caap sweeper: {override.input_line} -> {len(jobs)} jobs")
+        if generated and getattr(self, "_in_sweep", False) and self.config is not None:
+            from caap.sweep import write_sweep_size  # the true N of `[job k/N]` (caap.sweep.JobProgress)
+
+            write_sweep_size(self.config.hydra.sweep.dir, len(jobs))
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """The basic sweeper's sweep; records the expanded job count in the sweep folder for the jobs."""
+        self._in_sweep = True
+        try:
+            return super().sweep(arguments)
+        finally:
+            self._in_sweep = False
 
     def _compose(self, job: list[str], what: str) -> Any:
         """The composed config of one job (before its generated overrides)."""
