@@ -101,6 +101,9 @@ def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
     assert [r.label for r in records] == [*caap, "random"]
     assert [r.layer_range for r in records] == [(0, 1), (0, 2), None]
     assert latest_run_dir(sweep.parent) == sweep
+    # several folders are labelled together (what differs across all of them)
+    both = load_runs(sweep / RUNS[1][0], sweep / RUNS[2][0])
+    assert [r.label for r in both] == ["caap layers.start=0,layers.stop=2", "random"]
     md = report["md"].read_text()
     for r in records:
         assert r.label in md
