@@ -27,7 +27,14 @@ def test_app_runs_and_prints_the_table(tmp_path: Path) -> None:
     assert "grid_pointing" in proc.stdout and f"outputs: {out}" in proc.stdout
     assert "wandb sync" in proc.stdout
     written = json.loads((out / "metrics.json").read_text())
-    assert set(written["metrics"]) == {"deletion", "insertion", "grid_pointing"}
+    assert set(written["metrics"]) == {
+        "mif",
+        "lif",
+        "srg",
+        "grid_pointing",
+        "energy_pointing",
+        "class_discrimination",
+    }
     assert (out / ".hydra" / "config.yaml").exists() and (out / "caap.log").exists()
 
 

@@ -51,8 +51,8 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     cfg = compose_cfg(*FAST, "logger=wandb")
     results = evaluate(cfg)
     out = Path(cfg.output_dir)
-    assert set(results) == {"deletion", "insertion", "grid_pointing"}
-    assert all(0.0 <= v <= 1.0 for v in results.values())
+    assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
+    assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
 
     written = json.loads((out / "metrics.json").read_text())
     assert written["metrics"] == results
@@ -66,7 +66,7 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
         rows = list(csv.DictReader(fh))
     assert {(int(r["index"]), int(r["class"])) for r in rows} == expected_keys
     assert (out / "config.yaml").exists() and (out / "csv" / "metrics.csv").exists()
-    assert "test/deletion" in (out / "csv" / "metrics.csv").read_text()
+    assert "test/mif" in (out / "csv" / "metrics.csv").read_text()
 
     (run_dir,) = (out / "wandb").glob("offline-run-*")
     records = read_wandb_records(run_dir)
@@ -99,10 +99,11 @@ def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:
 def test_evaluate_fashiongrid_shipped_model(compose_cfg) -> None:
     cfg = compose_cfg("logger=csv", "data.limit=8", "data.batch_size=4", "media_images=0")
     results = evaluate(cfg)
-    assert set(results) == {"deletion", "insertion", "grid_pointing"}
+    assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
+    assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
     # the trained model's gradient maps point at the right cell far more often than chance (0.25 on average)
     assert results["grid_pointing"] > 0.35
-    assert results["insertion"] > results["deletion"]
+    assert results["lif"] > results["mif"] and results["srg"] > 0
 
 
 def test_missing_fashion_mnist_names_the_package(compose_cfg, tmp_path) -> None:
@@ -128,7 +129,7 @@ def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -
         "method=random",
     )
     results = evaluate(cfg)
-    assert set(results) == {"deletion", "insertion"}
+    assert {"mif", "lif", "srg", "mif_aopc", "pixel_deletion", "pixel_insertion"} <= set(results)
     assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["num_maps"] == 3
     assert "broken.png" in caplog.text
 

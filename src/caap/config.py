@@ -29,6 +29,13 @@ class ModelConfig:
     multilabel: bool = False
     class_names: list[str] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "timm"  # timm | dinov2_linear | clip_zeroshot
+    head_weights: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str | None = "openai"
+    prompts: str = "openai"
 
 
 @dataclass
@@ -41,6 +48,22 @@ class LayersConfig:
     name: str = "custom"
     start: int = 0
     stop: int | None = 2
+
+
+@dataclass
+class AutoLayersConfig(LayersConfig):
+    """`layers=auto`: the range is chosen on calibration images (see `caap.layer_selection`).
+
+    `select_by` is a metric config (`_target_` an `AttributionMetric`); `start`/`stop` are replaced by the
+    chosen range before the method is built. `batch_size: null` uses `data.batch_size`.
+    """
+
+    name: str = "auto"
+    start: int = 0
+    stop: int | None = None
+    select_by: Any = MISSING
+    calibration_images: int = 32
+    batch_size: int | None = None
 
 
 @dataclass
@@ -62,11 +85,19 @@ def _suffix(text: str | None) -> str:
     return f"_{text}" if text else ""
 
 
+def _resume_or(resume: str | None, default: str) -> str:
+    """The run (or sweep) folder: `resume` when continuing a killed run, else the new folder `default`."""
+    return str(resume) if resume not in (None, "") else default
+
+
 def register_schemas() -> None:
     """Store the schemas under the `schema` group, which the YAML options extend; register caap's resolvers."""
     if not OmegaConf.has_resolver("caap.suffix"):
         OmegaConf.register_new_resolver("caap.suffix", _suffix)
+    if not OmegaConf.has_resolver("caap.resume_or"):
+        OmegaConf.register_new_resolver("caap.resume_or", _resume_or)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="layers", node=LayersConfig)
+    cs.store(group="schema", name="layers_auto", node=AutoLayersConfig)
     cs.store(group="schema", name="data", node=DataConfig)

@@ -26,10 +26,20 @@ from rich.console import Console
 from rich.table import Table
 
 from caap.data import AttributionDataModule
+from caap.layer_selection import LayerSelection, apply_selection, log_selection, select_layer_range
 from caap.lit.callbacks import MapWriter, RunOutputs, SampleImages, WandbMedia
 from caap.lit.module import AttributionModule
 from caap.metrics.base import AttributionMetric
 from caap.models.vit import ViTClassifier
+from caap.resume import (
+    FINISHED_KEY,
+    check_same_config,
+    finished_metrics,
+    previous_wandb_id,
+    session_prefix,
+    stored_maps,
+)
+from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,13 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataModule:
     """The datamodule of `cfg.data`; dataset keys left null (`image_size`, `class_names`, `num_classes`) are
     filled from the model."""
+    data_config = getattr(model, "data_config", None) or {}
     from_model = {
-        "image_size": int(model.model.patch_embed.img_size[0]),  # the size the model was built for
+        "image_size": int(model.image_size[0]),  # the size the model was built for
         "class_names": model.class_names,
         "num_classes": model.num_classes,
+        "crop_pct": data_config.get("crop_pct"),  # timm's evaluation preprocessing of the model
+        "interpolation": data_config.get("interpolation"),
     }
     fill = {
         k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
@@ -78,15 +91,35 @@ def run_name() -> str:
         return "default"
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, config: dict) -> list[Logger]:
-    """Instantiate the logger group; the W&B run is named after the overrides and carries the composed config."""
+def build_loggers(
+    cfg: DictConfig, output_dir: Path, config: dict, wandb_id: str | None = None
+) -> list[Logger]:
+    """Instantiate the logger group; the W&B run is named after the overrides and carries the composed config.
+
+    In a multirun every job's W&B run joins one group (the sweep folder, `caap.sweep.sweep_group`) and its
+    config has the job's overrides under `overrides` (`{key: value}`) and its place under `sweep`.
+    `wandb_id` continues an earlier W&B run (a resumed run, see `caap.resume`).
+    """
     loggers: list[Logger] = []
     for node in (cfg or {}).values():
         extra: dict[str, Any] = {}
         if node.get("_target_", "").endswith("WandbLogger"):
-            extra = {"config": config}
+            position = job_position()
+            extra = {
+                "config": {
+                    **config,
+                    "overrides": job_overrides(),
+                    "sweep": None
+                    if position is None
+                    else {"group": sweep_group(), "job": position[0], "num_jobs": position[1]},
+                }
+            }
             if node.get("name") is None:
                 extra["name"] = run_name()
+            if node.get("group") is None and sweep_group() is not None:
+                extra["group"] = sweep_group()
+            if wandb_id is not None and node.get("id") is None:
+                extra.update(id=wandb_id, resume="allow")
             (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
             instantiate(node, _partial_=True)(**extra)
@@ -115,22 +148,52 @@ def print_summary(
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`."""
+    """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`.
+
+    With `cfg.resume` set (the run folder), a finished run returns its stored metrics and an unfinished one
+    continues where it was killed (see `caap.resume`). With `layers=auto` the layer range is chosen on
+    calibration images first (see `caap.layer_selection`).
+    """
     start_time = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.output_dir)
+    resuming = bool(cfg.get("resume"))
+    if resuming:
+        done = finished_metrics(output_dir)
+        if done is not None:
+            print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
+            return done["metrics"]
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
 
     model: ViTClassifier = instantiate(cfg.model)
-    method = instantiate(cfg.method)
-    method.setup(model)
-    datamodule = build_datamodule(cfg.data, model)
+    selection: LayerSelection | None = None
+    if cfg.get("layers") is not None and cfg.layers.get("select_by") is not None:  # layers=auto
+        datamodule = build_datamodule(cfg.data, model)
+        selection = LayerSelection.load(output_dir) if resuming else None
+        if selection is None:
+            selection = select_layer_range(cfg, model, datamodule)
+            selection.save(output_dir)
+        else:
+            datamodule.exclude(selection.calibration_indices)
+        apply_selection(cfg, selection)
+        method = instantiate(cfg.method)
+        method.setup(model)
+    else:
+        method = instantiate(cfg.method)
+        method.setup(model)
+        datamodule = build_datamodule(cfg.data, model)
+    if resuming:
+        check_same_config(output_dir, cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
         method.prepare(datamodule.dataset)
     metrics = build_metrics(cfg.metric, datamodule)
-    loggers = build_loggers(cfg.logger, output_dir, config)
+    loggers = build_loggers(
+        cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
+    )
+    if selection is not None:
+        log_selection(selection, loggers)
     class_names = model.class_names or getattr(datamodule, "class_names", None)
     facts: dict[str, Any] = {
         "method": cfg.method.get("_target_", "?").rsplit(".", 1)[-1],
@@ -139,9 +202,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "num_images": len(datamodule.indices),
         "output_dir": str(output_dir),
     }
+    if selection is not None:
+        facts["layers_auto"] = {
+            "start": selection.start,
+            "stop": selection.stop,
+            "metric": selection.metric,
+            "value": selection.value,
+            "calibration_images": len(selection.calibration_indices),
+            "seconds": selection.seconds,
+        }
     module = AttributionModule(model, method, metrics, target=cfg.target)
+    prefix = ""
+    if resuming:
+        module.stored_maps = stored_maps(output_dir)
+        prefix = session_prefix(output_dir) if module.stored_maps else ""
+        facts["resumed_maps"] = len(module.stored_maps)
+        log.info("resuming %s: %d maps already written", output_dir, len(module.stored_maps))
     callbacks = [
-        MapWriter(output_dir / "maps"),
+        MapWriter(output_dir / "maps", prefix=prefix),
         RunOutputs(output_dir, class_names, facts),
         WandbMedia(cfg.media_images, class_names),
     ]
@@ -162,6 +240,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         written.update(wandb_dir=str(Path(run.dir).parent), wandb_mode=run.settings.mode)
         run.summary.update({"seconds": seconds, "num_maps": written["num_maps"]})
         run.finish()
+    written[FINISHED_KEY] = True  # written last: a resumed run skips only runs that got here
     (output_dir / "metrics.json").write_text(json.dumps(written, indent=2))
     print_summary(results, metrics, written)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -110,6 +110,11 @@ class AttributionDataModule(L.LightningDataModule):
                 )
         return self._indices
 
+    def exclude(self, indices: Sequence[int]) -> None:
+        """Drop `indices` from the evaluated images (e.g. the calibration images of `layers=auto`)."""
+        drop = set(int(i) for i in indices)
+        self._indices = [i for i in self.indices if i not in drop]
+
     @property
     def num_classes(self) -> int | None:
         """The dataset's `num_classes`, or None."""

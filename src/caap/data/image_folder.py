@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import InterpolationMode, v2
+
+from caap.data.transforms import INTERPOLATIONS, EvalTransform
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ class ImageFolderDataset(Dataset):
       num_classes: C; defaults to len(class_names), else the largest label id + 1.
       extensions: file suffixes that count as images (case-insensitive).
       resize_size: the shorter side before the crop (e.g. 256 for the 224 / 0.875 ImageNet protocol).
-      interpolation: "bicubic" (timm ViTs), "bilinear" or "nearest".
+      interpolation: "bicubic" (timm ViTs), "bilinear" or "nearest"; None: bicubic.
+      crop_pct: the model's centre-crop fraction (timm data config): the shorter side is resized to
+        `floor(S / crop_pct)` before the S x S crop, as timm evaluates; None: no margin (resize to S).
+        `resize_size` wins when both are given.
 
     Each sample is a dict:
       image  `[3, S, S]` float in [0, 1],
@@ -120,7 +124,8 @@ class ImageFolderDataset(Dataset):
         num_classes: int | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         resize_size: int | None = None,
-        interpolation: str = "bicubic",
+        interpolation: str | None = "bicubic",
+        crop_pct: float | None = None,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -169,18 +174,13 @@ class ImageFolderDataset(Dataset):
                 self.targets[i, cs] = 1.0
         self.has_labels = labels is not None
 
-        try:
-            mode = InterpolationMode(interpolation.lower())
-        except ValueError as err:
-            raise ValueError(f"ImageFolderDataset interpolation '{interpolation}' is unknown") from err
+        if interpolation is not None and interpolation.lower() not in INTERPOLATIONS:
+            raise ValueError(
+                f"ImageFolderDataset interpolation '{interpolation}' is unknown; allowed: {list(INTERPOLATIONS)}"
+            )
         self.image_size = image_size
-        self.transform = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(resize_size or image_size, interpolation=mode, antialias=True),
-                v2.CenterCrop(image_size),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
+        self.transform = EvalTransform(
+            image_size, crop_pct, interpolation.lower() if interpolation else None, resize=resize_size
         )
 
     # labels -------------------------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ class ImageFolderDataset(Dataset):
         ) as err:  # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBomb...)
             log.warning("Skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
             return None
-        return self.transform(rgb)
+        return self.transform(rgb)[0]
 
     def __getitem__(self, index: int) -> dict | None:
         if not -len(self) <= index < len(self):

@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 
 
 class MapWriter(L.Callback):
-    """Writes each test batch's maps to `folder/r{rank}_b{batch:06d}.safetensors` (see `caap.maps_io`)."""
+    """Writes each test batch's maps to `folder/{prefix}r{rank}_b{batch:06d}.safetensors` (see `caap.maps_io`).
 
-    def __init__(self, folder: str | Path) -> None:
+    Maps the module read from a resumed run's files (`outputs["stored"]`) are not written again; a resumed run
+    writes with its own `prefix` (see `caap.resume`).
+    """
+
+    def __init__(self, folder: str | Path, prefix: str = "") -> None:
         self.folder = Path(folder)
+        self.prefix = prefix
 
     def on_test_batch_end(
         self,
@@ -39,8 +44,14 @@ class MapWriter(L.Callback):
         if not outputs:
             return
         attribution: AttributionBatch = outputs["batch"]
-        path = self.folder / f"r{trainer.global_rank}_b{batch_idx:06d}.safetensors"
-        write_maps(path, attribution.index, attribution.classes, attribution.maps)
+        new = ~outputs["stored"] if outputs.get("stored") is not None else None
+        if new is not None and not new.any():
+            return
+        index, classes, maps = attribution.index, attribution.classes, attribution.maps
+        if new is not None:
+            index, classes, maps = index[new], classes[new], maps[new]
+        path = self.folder / f"{self.prefix}r{trainer.global_rank}_b{batch_idx:06d}.safetensors"
+        write_maps(path, index, classes, maps)
 
 
 def per_sample_rows(module: AttributionModule, class_names: list[str] | None) -> list[dict[str, Any]]:

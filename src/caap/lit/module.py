@@ -47,6 +47,33 @@ class AttributionModule(L.LightningModule):
         self.curves: dict[str, tuple[Tensor, Tensor]] = {}  # curve metrics: (x [K], mean curve [K])
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
+        # maps of a resumed run, `{(index, class): [gh, gw]}`: those pairs are read, not recomputed (caap.resume)
+        self.stored_maps: dict[tuple[int, int], Tensor] = {}
+        for metric in metrics.values():  # metrics that re-run the method (sanity checks) get the run's method
+            if getattr(metric, "requires_method", False) and getattr(metric, "method", None) is None:
+                metric.method = method
+
+    def compute_maps(self, images: Tensor, classes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Maps `[P, gh, gw]` of `images [P, 3, H, W]` for `classes [P]`, and which were stored `[P]` (bool).
+
+        Pairs `(index, class)` found in `stored_maps` are read from there; the method runs on the others only.
+        """
+        stored = torch.tensor(
+            [(i, c) in self.stored_maps for i, c in zip(index.tolist(), classes.tolist(), strict=True)],
+            dtype=torch.bool,
+            device=images.device,
+        )
+        if not stored.any():
+            return self.method(self.model, images, classes), stored
+        keys = list(zip(index.tolist(), classes.tolist(), strict=True))
+        first = self.stored_maps[keys[int(stored.nonzero()[0])]]
+        maps = torch.empty(len(keys), *first.shape, dtype=torch.float32, device=images.device)
+        rows = stored.nonzero().flatten().tolist()
+        maps[stored] = torch.stack([self.stored_maps[keys[r]] for r in rows]).to(maps.device)
+        if not stored.all():
+            todo = ~stored
+            maps[todo] = self.method(self.model, images[todo], classes[todo]).float()
+        return maps, stored
 
     def select_targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """`(rows [P], classes [P])`: which image of the batch each map explains, and for which class."""
@@ -70,13 +97,14 @@ class AttributionModule(L.LightningModule):
         if rows.numel() == 0:
             return None
         images = batch["image"][rows]
-        maps = self.method(self.model, images, classes)
+        index = torch.as_tensor(batch["index"], device=images.device)[rows]
+        maps, stored = self.compute_maps(images, classes, index)
         masks = batch.get("masks") or {}
         attribution = AttributionBatch(
             images=images,
             maps=maps.float(),
             classes=classes,
-            index=torch.as_tensor(batch["index"], device=images.device)[rows],
+            index=index,
             labels=batch["target"][rows] if batch.get("target") is not None else None,
             cell_masks=masks["cell"][rows] if "cell" in masks else None,
             item_masks=masks["item"][rows] if "item" in masks else None,
@@ -86,13 +114,17 @@ class AttributionModule(L.LightningModule):
             for metric in self.metrics.values():
                 metric.update(attribution, self.model)
         self.num_maps += len(attribution)
-        return {"batch": attribution}
+        return {"batch": attribution, "stored": stored}
 
     def on_test_epoch_end(self) -> None:
         for name, metric in self.metrics.items():
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
+                for key, value in getattr(metric, "extra_per_sample", dict)().items():
+                    self.per_sample[f"{name}/{key}"] = value
+                for key, value in getattr(metric, "extra_results", dict)().items():
+                    self.results[f"{name}/{key}"] = float(value)
             if callable(getattr(metric, "curve", None)):  # a collective call: every rank makes it
                 self.curves[name] = metric.curve()
         if self.results:

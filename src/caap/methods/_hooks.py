@@ -158,28 +158,32 @@ def readout_rows(model: ViTClassifier) -> str:
 
     Token pooling (CLS, also DeiT's distilled pair): the first prefix token's row ("cls"). Patch pooling
     (avg / max / avgmax): the mean over the pooled tokens' rows ("mean"): the patch tokens, plus the prefix
-    tokens when the model pools them (`pool_include_prefix`). Other heads fail clearly.
+    tokens when the model pools them (`pool_include_prefix`). DINOv2's CLS + mean patch head: the average of
+    both ("cls+mean"). Models without attention (MLP-Mixer) fail clearly.
     """
-    m = model.model
-    pool = m.global_pool
-    if pool == "token":
-        if model.num_prefix_tokens == 0:
-            raise ValueError(f"model '{model.name}' pools a 'token' but has no prefix token")
+    if not model.has_attention:
+        raise ValueError(
+            f"model '{model.name}' ({model.family}) has no attention matrices; attention-based methods "
+            f"(raw_attention, attention_rollout, genatt) need a ViT or EVA"
+        )
+    pool = model.pooling
+    if pool in ("token", "distilled"):
         return "cls"
-    if pool in ("avg", "max", "avgmax"):
-        return "mean"
-    raise ValueError(
-        f"model '{model.name}': attention maps support global_pool token/avg/max/avgmax, got '{pool}'"
-    )
+    if pool == "token+avg":
+        return "cls+mean"
+    return "mean"
 
 
 def attention_readout(model: ViTClassifier, matrix: Tensor) -> Tensor:
-    """Patch-column scores `[B, N]` of `[B, T, T]`: the CLS row (token pooling) or the mean pooled-token row."""
+    """Patch-column scores `[B, N]` of `[B, T, T]`: the CLS row (token pooling), the mean pooled-token row
+    (patch pooling) or the average of the two (CLS + mean patch head)."""
     kind = readout_rows(model)
     npre = model.num_prefix_tokens
+    first = 0 if model.pool_include_prefix else npre
     if kind == "cls":
         row = matrix[:, 0]
-    else:
-        first = 0 if model.model.pool_include_prefix else npre
+    elif kind == "mean":
         row = matrix[:, first:].mean(1)
+    else:
+        row = 0.5 * (matrix[:, 0] + matrix[:, npre:].mean(1))
     return row[:, npre:]

@@ -88,7 +88,7 @@ def window_masks(
 
 def _cast_images(model: ViTClassifier, images: Tensor) -> Tensor:
     """Match a model held in a low-precision dtype (without autocast the patch embedding needs it)."""
-    weight = model.model.patch_embed.proj.weight
+    weight = model.patch_embed.proj.weight
     if (
         images.is_floating_point()
         and images.dtype != weight.dtype
@@ -104,6 +104,7 @@ def head_reads_prefix_only(model: ViTClassifier) -> bool:
     return (
         type(vit) in (VisionTransformer, VisionTransformerDistilled)
         and vit.global_pool == "token"
+        and model.pooling in ("token", "distilled")  # not DINOv2's CLS + mean patch head
         and getattr(vit, "attn_pool", None) is None
         and model.num_prefix_tokens >= (2 if isinstance(vit, VisionTransformerDistilled) else 1)
     )
@@ -149,7 +150,7 @@ def _prefix_only_block(block: Block, x: Tensor, num_prefix: int) -> Tensor:
 def _compute_dtype(model: ViTClassifier, device: torch.device) -> torch.dtype:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return model.model.patch_embed.proj.weight.dtype
+    return model.patch_embed.proj.weight.dtype
 
 
 def estimate_sequence_bytes(model: ViTClassifier, num_tokens: int, dtype: torch.dtype | None = None) -> int:
@@ -168,7 +169,7 @@ def estimate_sequence_bytes(model: ViTClassifier, num_tokens: int, dtype: torch.
     fused = bool(getattr(attn, "fused_attn", False))
     fc1 = getattr(getattr(block, "mlp", None), "fc1", None)
     mlp_ratio = fc1.out_features / d if isinstance(fc1, nn.Linear) else 4.0
-    nbytes = torch.empty((), dtype=dtype or vit.patch_embed.proj.weight.dtype).element_size()
+    nbytes = torch.empty((), dtype=dtype or model.patch_embed.proj.weight.dtype).element_size()
     factor = _BASE_FACTOR + 2.0 * mlp_ratio
     t = int(num_tokens)
     return int(t * d * nbytes * factor + heads * t * t * nbytes * (1 if fused else 2))

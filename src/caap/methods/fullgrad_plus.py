@@ -24,13 +24,33 @@ from caap.methods.gradient import GradientFamily
 from caap.models.vit import ViTClassifier
 
 
+def token_mixing_layers(model: ViTClassifier) -> set[nn.Module]:
+    """The layers of MLP-Mixer token-mixing MLPs (`mlp_tokens`), which act on `[B, D, tokens]`: their last
+    dimension is tokens (the output layer) or hidden token-mixing units (the input layer), not channels."""
+    return {m for block in model.model.blocks for m in getattr(block, "mlp_tokens", nn.Identity()).modules()}
+
+
 def biased_layers(model: ViTClassifier) -> list[nn.Module]:
-    """The layers after r_0 whose bias enters the residual computation: Linear and LayerNorm (with bias)."""
+    """The layers after r_0 whose bias enters the residual computation: Linear and LayerNorm (with bias).
+
+    Raises NotImplementedError for biases that enter without a module output to read their gradient from
+    (EVA's `q_bias` / `v_bias`, added to the qkv projection inside `F.linear`) or in layers without a rule.
+    """
     root = model.model
     scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
+    if model.classifier is not None:
+        scope.append(model.classifier)
     layers = []
     for part in scope:
         for m in part.modules():
+            if isinstance(getattr(m, "q_bias", None), nn.Parameter) or isinstance(
+                getattr(m, "v_bias", None), nn.Parameter
+            ):
+                raise NotImplementedError(
+                    f"FullGrad+ on model '{model.name}': {type(m).__name__} adds q_bias / v_bias inside its qkv "
+                    f"F.linear, so their bias-gradient terms cannot be read off a layer output; FullGrad+ needs "
+                    f"biases in Linear / LayerNorm modules (ViT, DeiT, DINOv2, CLIP, MLP-Mixer)"
+                )
             bias = getattr(m, "bias", None)
             if not isinstance(bias, nn.Parameter):
                 continue
@@ -48,15 +68,20 @@ class FullGradPlus(GradientFamily):
 
     name = "fullgrad_plus"
 
+    def setup(self, model: ViTClassifier) -> None:
+        super().setup(model)
+        biased_layers(model)
+
     def terms(self, model: ViTClassifier, images: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(per-token attribution `[B, T]` incl. prefix tokens, token-less bias terms `[B]`, score `[B]`)."""
         r0 = self.embed_leaf(model, images)
         num_tokens = r0.shape[1]
-        captured: list[tuple[Tensor, Tensor]] = []
+        captured: list[tuple[Tensor, Tensor, bool]] = []
+        mixing = token_mixing_layers(model)
 
         def capture(module: nn.Module, args: tuple, out: Tensor) -> None:
             if out.requires_grad:
-                captured.append((module.bias, out))
+                captured.append((module.bias, out, module in mixing))
 
         with self.rewired(model):
             # registered after the LibraGrad hooks, so they see each layer's rewired output
@@ -67,11 +92,20 @@ class FullGradPlus(GradientFamily):
                 for handle in handles:
                     handle.remove()
             scores = self.target_scores(model, logits, target)
-            grads = torch.autograd.grad(scores.sum(), [r0] + [out for _, out in captured], allow_unused=True)
+            grads = torch.autograd.grad(
+                scores.sum(), [r0] + [out for _, out, _ in captured], allow_unused=True
+            )
         per_token = (r0.detach() * grads[0]).sum(-1)
         global_terms = torch.zeros_like(scores.detach())
-        for (bias, _), grad in zip(captured, grads[1:], strict=True):
+        for (bias, _, token_mixing), grad in zip(captured, grads[1:], strict=True):
             if grad is None:
+                continue
+            if token_mixing:  # [B, D, X]: X = tokens (output layer) or hidden token-mixing units
+                term = (grad * bias.detach()).sum(1)  # [B, X]
+                if term.shape[1] == num_tokens and bias.shape[0] == num_tokens:
+                    per_token = per_token + term
+                else:
+                    global_terms = global_terms + term.sum(1)
                 continue
             term = (grad * bias.detach()).sum(-1)  # [B], [B, T] or [B, heads, T] (q/k norms)
             if term.ndim == 1:

@@ -16,8 +16,10 @@ from contextlib import contextmanager
 
 import torch
 from timm.layers.attention import Attention
+from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
+from caap.methods._hooks import attention_readout, readout_rows
 from caap.methods.gradient import GradientFamily
 from caap.models.vit import ViTClassifier
 
@@ -25,12 +27,7 @@ from caap.models.vit import ViTClassifier
 @contextmanager
 def unfused_attention(model: ViTClassifier) -> Iterator[list[Attention]]:
     """Every block's timm Attention with fused SDPA off; the previous settings come back on exit."""
-    attns = [block.attn for block in model.blocks]
-    for a in attns:
-        if type(a) is not Attention:
-            raise NotImplementedError(
-                f"GenAtt on model '{model.name}': attention {type(a).__name__} is not timm.layers.Attention"
-            )
+    attns = _attentions(model)
     before = [a.fused_attn for a in attns]
     try:
         for a in attns:
@@ -41,14 +38,29 @@ def unfused_attention(model: ViTClassifier) -> Iterator[list[Attention]]:
             a.fused_attn = flag
 
 
+def _attentions(model: ViTClassifier) -> list[nn.Module]:
+    """Every block's attention module; a clear error for models without timm `Attention` / `EvaAttention`."""
+    readout_rows(model)  # no attention at all (MLP-Mixer): a clear error
+    attns = [block.attn for block in model.blocks]
+    for a in attns:
+        if type(a) not in (Attention, EvaAttention):
+            raise NotImplementedError(
+                f"GenAtt on model '{model.name}': attention {type(a).__name__} is not timm.layers.Attention "
+                f"or EvaAttention"
+            )
+    return attns
+
+
 class GenAtt(GradientFamily):
     name = "genatt"
 
     def setup(self, model: ViTClassifier) -> None:
-        pool = model.model.global_pool
-        if pool not in ("token", "avg"):
+        super().setup(model)
+        _attentions(model)
+        if model.pooling in ("max", "avgmax"):
             raise ValueError(
-                f"GenAtt supports token and avg pooling; model '{model.name}' pools with '{pool}'"
+                f"GenAtt supports token, avg and CLS + mean pooling; model '{model.name}' pools with "
+                f"'{model.pooling}'"
             )
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
@@ -80,7 +92,5 @@ class GenAtt(GradientFamily):
                 continue
             abar = (a.detach() * g).clamp(min=0).mean(1)
             rel = (0.5 * (eye + abar)) @ rel
-        p = model.num_prefix_tokens
-        row = rel[:, 0] if model.model.global_pool == "token" else rel[:, p:].mean(1)
         gh, gw = model.grid_size(images)
-        return row[:, p:].float().reshape(-1, gh, gw)
+        return attention_readout(model, rel).float().reshape(-1, gh, gw)

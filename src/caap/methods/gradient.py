@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from caap.methods.base import AttributionMethod
-from caap.methods.libragrad import libragrad, resolve_libragrad, resolve_score, score_of
+from caap.methods.libragrad import _plan, libragrad, resolve_libragrad, resolve_score, score_of
 from caap.models.vit import ViTClassifier
 
 
@@ -30,6 +30,11 @@ class GradientFamily(AttributionMethod):
         self.rules = resolve_libragrad(libragrad)
         self.libragrad = self.rules.name if self.rules is not None else False
         self.score = resolve_score(score, self.rules, self.name)
+
+    def setup(self, model: ViTClassifier) -> None:
+        """Fail before any data when the LibraGrad rules have no rule for a module of `model`."""
+        if self.rules is not None:
+            _plan(model, self.rules)
 
     def target_scores(self, model: ViTClassifier, logits: Tensor, target: Tensor) -> Tensor:
         """The differentiated score `[B]` (target logit or probability)."""

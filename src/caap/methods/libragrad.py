@@ -28,6 +28,9 @@ Rules (REFERENCE.md section 1, from the official code, where LibraGrad is called
   EVA02, gMixer and DINOv2-giant, i.e. the models that have such an MLP; so do we (no gated MLP, no effect).
 - head: the differentiated target is the target probability ("S1", preset `full`) or the logit ("S0").
   The head itself is untouched: `LibraGradRules.head` tells methods which score to differentiate.
+- EVA02 attention (`EvaAttention`, rotary embeddings): q and k detached at `q_norm` / `k_norm`, before the
+  rotation, so the rotated q and k are constants too. MLP-Mixer: no attention; its token-mixing MLPs are linear
+  layers plus a GELU (the gate rule), so LayerNorm and GELU rules make it FullGrad-complete.
 - residual, LayerScale, pooling, linear layers: unchanged.
 
 Presets: `full` (= `true`), the ablations `wo_att`, `wo_ln`, `wo_act`, `wo_gate`, `wo_head` (full with a
@@ -52,6 +55,7 @@ from timm.layers import activations as timm_act
 from timm.layers import mlp as timm_mlp
 from timm.layers import norm as timm_norm
 from timm.layers.attention import Attention
+from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
 __all__ = [
@@ -415,6 +419,8 @@ def _plan(model: nn.Module, rules: LibraGradRules) -> list[_Hook]:
     name = getattr(model, "name", type(model).__name__)
     root = getattr(model, "model", model)
     scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
+    if isinstance(getattr(model, "classifier", None), nn.Module):
+        scope.append(model.classifier)
     modules = [m for part in scope for m in part.modules()]
     plan: list[_Hook] = []
     zeros = _ZeroBuffers()
@@ -455,10 +461,23 @@ def _plan(model: nn.Module, rules: LibraGradRules) -> list[_Hook]:
                 plan.append((m.q_norm, "fwd", _scale_hook(rules.qk_scale)))
                 plan.append((m.k_norm, "fwd", _scale_hook(rules.qk_scale)))
                 plan.append((m.norm, "fwd", _scale_hook(rules.out_scale)))
+        elif type(m) is EvaAttention:
+            # EVA02: q_norm / k_norm run before the rotary embedding, so detaching their outputs detaches the
+            # rotated q and k too (A constant in backward); its qkv is an F.linear call, so SDPA's own backward
+            # runs (the same gradient as the value-only one)
+            if getattr(m, "gate", None) is not None and rules.activation:
+                plan.append((m.gate, "fwd", _detach_hook))
+            if rules.attention == "detach_qk":
+                plan.append((m.q_norm, "fwd", _detach_hook))
+                plan.append((m.k_norm, "fwd", _detach_hook))
+            elif rules.attention == "attnlrp":
+                plan.append((m.q_norm, "fwd", _scale_hook(rules.qk_scale)))
+                plan.append((m.k_norm, "fwd", _scale_hook(rules.qk_scale)))
+                plan.append((m.norm, "fwd", _scale_hook(rules.out_scale)))
         elif "attention" in type(m).__name__.lower() or hasattr(m, "fused_attn"):
             raise NotImplementedError(
                 f"LibraGrad on model '{name}': no rule for the attention module {type(m).__name__}; "
-                f"supported: timm.layers.Attention (ViT, DeiT, DeiT3, DINOv2, CLIP)"
+                f"supported: timm.layers.Attention (ViT, DeiT, DeiT3, DINOv2, CLIP), EvaAttention (EVA02)"
             )
     return plan
 

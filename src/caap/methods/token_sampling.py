@@ -31,15 +31,8 @@ from caap.models.vit import ViTClassifier
 
 
 def check_token_removal(model: ViTClassifier) -> None:
-    m = model.model
-    if m.global_pool == "token" and model.num_prefix_tokens == 0:
-        raise ValueError(
-            f"model '{model.name}' pools a 'token' but has no prefix token; token removal is undefined"
-        )
-    if m.global_pool not in ("token", "avg", "max", "avgmax"):
-        raise ValueError(
-            f"model '{model.name}': token sampling supports global_pool token/avg/max/avgmax, got '{m.global_pool}'"
-        )
+    """Token sampling hides tokens by attention masks: a clear error on models without attention (Mixer)."""
+    model.check_token_removal("token sampling")
 
 
 def sample_keep(num_samples: int, n: int, keep_prob: float, seed: int) -> Tensor:

@@ -27,13 +27,15 @@ class AttributionMetric(Metric):
     """Base class: subclasses implement `score(batch, model) -> [P]` (or a dict of named `[P]` values).
 
     `higher_is_better` tells reports which way is better; `requires_model` marks metrics that run the model;
-    `requires_masks` those that need the dataset's ground-truth masks (checked before any map is computed).
+    `requires_masks` those that need the dataset's ground-truth masks (checked before any map is computed);
+    `requires_method` those that re-run the attribution method (`AttributionModule` sets their `method`).
     """
 
     full_state_update = False
     higher_is_better: bool = True
     requires_model: bool = False
     requires_masks: bool = False
+    requires_method: bool = False
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

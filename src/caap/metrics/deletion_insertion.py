@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.metrics.base import AttributionMetric, _cat, _nonempty
+from caap.metrics.base import AttributionMetric
+from caap.metrics.curves import CurveMetric
 from caap.metrics.functional.pointing import grid_pointing_game, pointing_game
 from caap.metrics.functional.token_perturbation import (
     Mode,
@@ -21,8 +22,12 @@ from caap.metrics.functional.token_perturbation import (
 from caap.models.vit import ViTClassifier
 
 
-class _TokenPerturbationAUC(AttributionMetric):
-    """Area under a token-removal curve per (image, class), and the mean curve over de-duplicated pairs."""
+class _TokenPerturbationAUC(CurveMetric):
+    """Area under a token-removal curve per (image, class), and the mean curve over de-duplicated pairs.
+
+    The older fraction-based form (fractions 0..1 of removed / kept patches, attention-masked full-length
+    batches); `caap.metrics.MIF` / `LIF` / `SRG` follow LibraGrad's ratios and scores and share their passes.
+    """
 
     requires_model = True
     mode: Mode = "deletion"
@@ -41,12 +46,14 @@ class _TokenPerturbationAUC(AttributionMetric):
         self.fractions = check_fractions(fractions)
         self.score_kind: Score = score
         self.max_batch = int(max_batch)
-        self.add_state("curves", default=[], dist_reduce_fx="cat")
 
     def _model(self, model: torch.nn.Module | None) -> ViTClassifier:
         if not isinstance(model, ViTClassifier):
             raise ValueError(f"{self.name} runs the model: pass the ViTClassifier to update(batch, model)")
         return model
+
+    def axis(self) -> Tensor:
+        return self.fractions
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K]` for this batch (LibraGrad token removal, see `token_perturbation_curves`)."""
@@ -61,38 +68,8 @@ class _TokenPerturbationAUC(AttributionMetric):
             self.max_batch,
         )
 
-    def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
-        """Per-pair AUC `[P]` by the trapezoid rule over the fractions."""
-        return curve_auc(self.curves_of(batch, model).double(), self.fractions)
-
-    def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
-        """Store the per-pair AUC `[P]` (returned) and curves `[P, K]` of this batch; the curves run once."""
-        curves = self.curves_of(batch, model).detach().double()
-        values = self._append(curve_auc(curves, self.fractions), batch)
-        self.curves.append(curves.to(values.device))
-        return values
-
-    def per_sample_curves(self) -> tuple[Tensor, Tensor, Tensor]:
-        """De-duplicated `(index [M], class [M], curves [M, K])` of all ranks, sorted by (index, class).
-
-        Gathers across ranks like `compute` (under DDP every rank must call it)."""
-        with self._gathered():
-            if not _nonempty(self.curves):
-                empty = torch.zeros(0)
-                return empty.long(), empty.long(), torch.zeros(0, self.fractions.numel(), dtype=torch.float64)
-            index, cls, order = self._dedup_order()
-            return index, cls, _cat(self.curves).reshape(-1, self.fractions.numel())[order]
-
-    def curve(self) -> tuple[Tensor, Tensor]:
-        """`(fractions [K], mean curve [K])` over de-duplicated pairs of all ranks whose curve is finite (NaN if
-        none); a collective call under DDP, like `compute`."""
-        _, _, curves = self.per_sample_curves()
-        finite = torch.isfinite(curves).all(1)
-        if not finite.any():
-            return self.fractions.clone(), torch.full(
-                (self.fractions.numel(),), float("nan"), dtype=torch.float64
-            )
-        return self.fractions.clone(), curves[finite].mean(0).cpu()
+    def auc(self, curves: Tensor) -> Tensor:
+        return curve_auc(curves.double(), self.fractions)
 
 
 class TokenDeletionAUC(_TokenPerturbationAUC):

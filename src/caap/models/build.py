@@ -1,4 +1,12 @@
-"""`build_model`: a timm ViT by name, with local weights, head size and fused attention chosen by config."""
+"""`build_model`: a timm ViT / EVA / MLP-Mixer by name, with local weights, head, preprocessing and fused
+attention chosen by config.
+
+Weights: `pretrained=true` loads the model's pretrained weights from the Hugging Face cache (nothing is
+downloaded; a clear error says how to provide them offline when they are missing), `weights=PATH` loads a
+local checkpoint instead, `pretrained=false` (explicit) gives random weights. Preprocessing (input size,
+crop_pct, interpolation, mean and std) comes from timm's data config of the model (`ViTClassifier.data_config`);
+datasets read it so that images and masks are resized and cropped as the model was evaluated.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,15 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import resolve_model_data_config
 
 import caap.models.fashiongrid  # noqa: F401  (registers vit_fashiongrid_patch7_56 with timm)
+from caap.data.imagenet import imagenet_class_names
+from caap.models.heads import ZeroShotHead, clip_text_embeddings, dinov2_linear_head
 from caap.models.vit import ViTClassifier
+
+HEADS = ("timm", "dinov2_linear", "clip_zeroshot")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,13 @@ def build_model(
     multilabel: bool = False,
     class_names: Sequence[str] | None = None,
     kwargs: dict[str, Any] | None = None,
+    head: str = "timm",
+    head_weights: str | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    clip_model: str = "ViT-B-16",
+    clip_pretrained: str | None = "openai",
+    prompts: str = "openai",
 ) -> ViTClassifier:
     """Build a timm ViT-family model wrapped as a `ViTClassifier` in eval mode.
 
@@ -49,9 +70,27 @@ def build_model(
         multilabel: sigmoid instead of softmax probabilities.
         class_names: names of the output classes, for tables and media.
         kwargs: any further keyword arguments for `timm.create_model`.
+        head: `timm` (the model's own head), `dinov2_linear` (a linear classifier on the CLS token and the mean
+            patch token, DINOv2's linear evaluation; weights from `head_weights`) or `clip_zeroshot` (CLIP
+            zero-shot logits from open_clip text embeddings of the class names; the timm model must be a CLIP
+            image tower whose head is the projection, e.g. `vit_base_patch16_clip_224.openai`).
+        head_weights: the DINOv2 linear head file (`dinov2_vitb14_reg4_linear_head.pth`); required with
+            `pretrained`.
+        crop_pct, interpolation: override the data config's centre-crop fraction and resize interpolation.
+        clip_model, clip_pretrained, prompts: open_clip model name, tag or checkpoint file, and prompt set
+            (`openai`: 80 templates, `simple`) for `clip_zeroshot`.
     """
-    if name not in timm.list_models():
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+    if head not in HEADS:
+        raise ValueError(f"model.head='{head}' is not supported; allowed: {list(HEADS)}")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"model.crop_pct={crop_pct} must lie in (0, 1]")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"model.interpolation='{interpolation}' is not supported; allowed: {list(INTERPOLATIONS)}"
+        )
+    arch, _, tag = name.partition(".")
+    if arch not in timm.list_models() or (tag and name not in timm.list_models(arch, pretrained=True)):
+        close = timm.list_models(f"*{arch.split('_')[0]}*", pretrained=bool(tag))[:8]
         raise ValueError(f"model '{name}' is not a timm model name; similar names: {close or 'none'}")
     extra: dict[str, Any] = dict(kwargs or {})
     if num_classes is not None:
@@ -66,6 +105,20 @@ def build_model(
             raise FileNotFoundError(f"model.weights='{weights}' is not a file")
         extra["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
+    if head == "dinov2_linear" and pretrained and head_weights is None:
+        raise RuntimeError(
+            f"model '{name}' with head=dinov2_linear needs the linear classifier's weights: pass the official "
+            f"head file, model.head_weights=/path/to/dinov2_vitb14_reg4_linear_head.pth (or "
+            f"model.pretrained=false for random weights)"
+        )
+    text, scale = torch.empty(0, 0), 100.0
+    if head == "clip_zeroshot":  # the text tower first: a missing checkpoint fails before image weights load
+        class_names = list(class_names) if class_names is not None else list(imagenet_class_names())
+        text, scale = clip_text_embeddings(
+            class_names, clip_model, clip_pretrained if pretrained else None, prompts
+        )
+    if pretrained and weights is None:
+        require_cached_weights(name)
     try:
         model = timm.create_model(name, pretrained=pretrained, **extra)
     except (RuntimeError, OSError, ValueError) as err:
@@ -77,16 +130,76 @@ def build_model(
             ) from err
         raise
     set_fused_attn(model, fused_attn)
-    cfg = model.pretrained_cfg
+    data_config = model_data_config(model, crop_pct, interpolation)
+    pooling, classifier = None, None
+    if head == "dinov2_linear":
+        pooling = "token+avg"
+        classifier = dinov2_linear_head(int(model.embed_dim), num_classes or 1000, head_weights)
+    elif head == "clip_zeroshot":
+        proj = getattr(model, "head", None)
+        if not isinstance(proj, torch.nn.Linear) or getattr(model, "global_pool", None) != "token":
+            raise ValueError(
+                f"model.head=clip_zeroshot needs a CLIP image tower whose head is the projection and which "
+                f"pools the CLS token (e.g. vit_base_patch16_clip_224.openai); '{name}' is not one"
+            )
+        if text.shape[1] != proj.out_features:
+            raise ValueError(
+                f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "
+                f"images to {proj.out_features}: use the matching CLIP image tower"
+            )
+        classifier = ZeroShotHead(proj, text, scale)
     wrapped = ViTClassifier(
         model,
-        mean=cfg.get("mean", (0.5, 0.5, 0.5)),
-        std=cfg.get("std", (0.5, 0.5, 0.5)),
+        mean=data_config["mean"],
+        std=data_config["std"],
         multilabel=multilabel,
         name=name,
         class_names=class_names,
+        pooling=pooling,
+        classifier=classifier,
     )
+    if wrapped.class_names is None and wrapped.num_classes == 1000 and not multilabel:
+        wrapped.class_names = list(imagenet_class_names())
+    wrapped.data_config = data_config
     return wrapped.eval()
+
+
+def model_data_config(
+    model: torch.nn.Module, crop_pct: float | None = None, interpolation: str | None = None
+) -> dict[str, Any]:
+    """timm's data config of `model` (input_size, interpolation, mean, std, crop_pct, crop_mode) at the size the
+    model was built for (an `img_size` override changes the input size, not the pretrained config's)."""
+    config = dict(resolve_model_data_config(model))
+    pe = getattr(model, "patch_embed", None) or getattr(model, "stem", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        config["input_size"] = (3, *tuple(pe.img_size))
+    if crop_pct is not None:
+        config["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        config["interpolation"] = interpolation
+    return config
+
+
+def require_cached_weights(name: str) -> None:
+    """Raise a RuntimeError saying how to provide `name`'s pretrained weights offline when its Hugging Face
+    weights are not in the local cache (checked without any network access). Models whose pretrained config
+    names a local file (the shipped FashionGrid model) pass."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None or cfg.file or not cfg.hf_hub_id:
+        return
+    repo = cfg.hf_hub_id.rstrip("/")
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
+    files += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+        return
+    raise RuntimeError(
+        f"pretrained weights of '{name}' are not in the Hugging Face cache ({repo}; nothing is downloaded). "
+        f"Copy the cache (HF_HOME, e.g. after `huggingface-cli download {repo}`) from a machine with access, or "
+        f"pass a local file with model.weights=/path/to/model.safetensors; model.pretrained=false gives random "
+        f"weights (explicitly, for tests only)."
+    )
 
 
 def model_depth(model_cfg: Any) -> int:
@@ -99,8 +212,8 @@ def model_depth(model_cfg: Any) -> int:
 
     node = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
     name = node["name"]
-    if name not in timm.list_models():
-        raise ValueError(f"model '{name}' is not a timm model name")
+    if not timm.is_model(name):  # accepts pretrained tags (`name.tag`)
+        raise ValueError(f"model '{name}' is not a timm model name (timm.list_models())")
     extra: dict[str, Any] = dict(node.get("kwargs") or {})
     for key in ("num_classes", "img_size"):
         if node.get(key) is not None:

@@ -1,54 +1,117 @@
-"""The ViT surface every attribution method relies on: embeddings, blocks by index, head, token layout.
+"""The token-model surface every attribution method relies on: embeddings, blocks by index, head, token layout.
 
-`ViTClassifier` wraps a timm `VisionTransformer` (or subclass) and takes images in pixel space `[B, 3, H, W]`
-with values in [0, 1]; the model's own normalisation (mean, std from timm's data config) happens inside, so
-that neutral images, blurs and masks are all defined in pixel space. The residual stream is indexed as in
-DESIGN.md: `r_0` = token embeddings (after patch embed, prefix tokens, position embedding, pre-norm), `r_j` =
-output of block j-1, `r_L` = output of the last block; tokens are `num_prefix_tokens` prefix tokens (CLS,
-registers, distillation) followed by the `gh * gw` patch tokens.
+`ViTClassifier` wraps a timm token model and takes images in pixel space `[B, 3, H, W]` with values in [0, 1];
+the model's own normalisation (mean, std from timm's data config) happens inside, so that neutral images,
+blurs and masks are all defined in pixel space. The residual stream is indexed as in DESIGN.md: `r_0` = token
+embeddings (after patch embed, prefix tokens, position embedding, pre-norm), `r_j` = output of block j-1,
+`r_L` = output of the last block; tokens are `num_prefix_tokens` prefix tokens (CLS, registers, distillation)
+followed by the `gh * gw` patch tokens.
+
+Supported timm families (`family`):
+
+- `vit`: `VisionTransformer` and subclasses (ViT AugReg, DeiT, DeiT distilled, DeiT3, DINOv2, CLIP);
+- `eva`: `Eva` (EVA02: rotary position embeddings, SwiGLU MLP); every block gets the model's rope table;
+- `mixer`: `MlpMixer` (no attention, no prefix tokens; token-mixing MLPs of fixed length, so no token masking).
+
+The head is `classify(pool(norm(r_L), keep))`. `pooling` names what the head reads: `token` (the CLS token),
+`distilled` (DeiT: CLS and distillation tokens through two heads, averaged), `avg` / `max` / `avgmax` (patch
+tokens, plus the prefix tokens with `pool_include_prefix`), or `token+avg` (the CLS token concatenated with the
+mean patch token, the DINOv2 linear classifiers' input; registers excluded). `pool(x, keep)` pools a sequence
+in which only the patch tokens `keep` `[B, N]` are present, which is exactly pooling the shortened sequence
+(token-removal faithfulness metrics rely on this).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.eva import Eva
+from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+POOLINGS = ("token", "distilled", "avg", "max", "avgmax", "token+avg")
+PATCH_POOLS = ("avg", "max", "avgmax")
+FAMILIES = {VisionTransformer: "vit", Eva: "eva", MlpMixer: "mixer"}
+
+
+def model_family(model: nn.Module) -> str | None:
+    """`vit`, `eva` or `mixer` for the supported timm classes (and their subclasses), else None."""
+    for cls, family in FAMILIES.items():
+        if isinstance(model, cls):
+            return family
+    return None
+
+
+class RopeBlock(nn.Module):
+    """An EVA block called as `block(x, attn_mask=None)` with the model's rotary table filled in.
+
+    Keeps the `ViTClassifier.blocks[j](x)` contract of plain ViT blocks; `attn` is the wrapped block's
+    attention module. Not registered as a submodule (the wrapped block belongs to the timm model).
+    """
+
+    def __init__(self, block: nn.Module, rope: Callable[[], Tensor | None]) -> None:
+        super().__init__()
+        self.__dict__["block"] = block  # not a submodule: no duplicate parameters or state-dict keys
+        self.__dict__["_rope"] = rope
+
+    @property
+    def attn(self) -> nn.Module:
+        return self.block.attn
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        return self.block(x, rope=self._rope(), attn_mask=attn_mask)
+
 
 class ViTClassifier(nn.Module):
-    """A timm ViT with pixel-space input and the residual-stream surface of DESIGN.md.
+    """A timm ViT / EVA / MLP-Mixer with pixel-space input and the residual-stream surface of DESIGN.md.
 
     Args:
-        model: a timm `VisionTransformer` (or subclass such as DeiT's distilled model).
+        model: a timm `VisionTransformer` (or subclass such as DeiT's distilled model), `Eva` or `MlpMixer`.
         mean, std: per-channel normalisation applied inside `forward` and `embed`.
         multilabel: whether the head was trained with independent sigmoids (FashionGrid) instead of a softmax;
             decides what `probabilities` means.
         name: the model's name, for messages.
         class_names: optional names of the output classes.
+        pooling: what the head reads (see the module docstring); None: the timm model's own pooling.
+            `token+avg` needs `classifier`.
+        classifier: a module `[B, F] -> [B, C]` replacing the timm head (applied after `fc_norm`): the DINOv2
+            linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
 
     def __init__(
         self,
-        model: VisionTransformer,
+        model: nn.Module,
         mean: Sequence[float],
         std: Sequence[float],
         multilabel: bool = False,
         name: str = "vit",
         class_names: Sequence[str] | None = None,
+        pooling: str | None = None,
+        classifier: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, VisionTransformer):
+        family = model_family(model)
+        if family is None:
             raise TypeError(
                 f"model '{name}' is a {type(model).__name__}; caap supports timm VisionTransformer-family "
-                f"models (ViT, DeiT, DeiT3, DINOv2, CLIP, with or without CLS / registers / avg pooling)"
+                f"models (ViT, DeiT, DeiT3, DINOv2, CLIP, with or without CLS / registers / avg pooling), "
+                f"Eva (EVA02) and MlpMixer"
             )
         if getattr(model, "attn_pool", None) is not None:
             raise TypeError(
-                f"model '{name}' uses attention-pool heads ('map'); supported pools: token, avg, avgmax, max"
+                f"model '{name}' uses attention-pool heads ('map'); supported pools: {', '.join(POOLINGS)}"
             )
+        if family == "eva" and (
+            getattr(model, "dynamic_img_size", False) or getattr(model, "rope_mixed", False)
+        ):
+            raise TypeError(f"model '{name}': EVA with dynamic image size or mixed rope is not supported")
         self.model = model
+        self.family = family
+        self.pooling = self._resolve_pooling(pooling, classifier)
+        self.classifier = classifier
         self.register_buffer(
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
         )
@@ -58,16 +121,45 @@ class ViTClassifier(nn.Module):
         self.multilabel = multilabel
         self.name = name
         self.class_names = list(class_names) if class_names is not None else None
+        if family == "eva":
+            wrapped = [RopeBlock(b, self.rope_embed) for b in model.blocks]
+            self.__dict__["_block_list"] = wrapped
+
+    def _resolve_pooling(self, pooling: str | None, classifier: nn.Module | None) -> str:
+        m = self.model
+        if pooling is None:
+            pooling = "distilled" if isinstance(m, VisionTransformerDistilled) else (m.global_pool or "")
+        if pooling not in POOLINGS:
+            raise ValueError(
+                f"model '{self.name if hasattr(self, 'name') else type(m).__name__}': pooling '{pooling}' is "
+                f"not supported; allowed: {list(POOLINGS)}"
+            )
+        if pooling in ("token", "distilled", "token+avg") and int(getattr(m, "num_prefix_tokens", 0)) < (
+            2 if pooling == "distilled" else 1
+        ):
+            raise ValueError(f"pooling '{pooling}' needs a CLS token, but the model has no prefix tokens")
+        if pooling == "distilled" and classifier is not None:
+            raise ValueError("a custom classifier replaces DeiT's two distilled heads; use pooling='token'")
+        if pooling == "token+avg" and classifier is None:
+            raise ValueError("pooling 'token+avg' (CLS + mean patch token) needs a classifier of width 2 * D")
+        return pooling
 
     # -- token layout -----------------------------------------------------------------------------------
     @property
     def num_prefix_tokens(self) -> int:
         """Number of tokens before the patch tokens (CLS + registers + distillation token)."""
-        return int(self.model.num_prefix_tokens)
+        return int(getattr(self.model, "num_prefix_tokens", 0))
 
     @property
-    def blocks(self) -> nn.Sequential:
-        """The transformer blocks, `blocks[j]` maps `r_j` to `r_{j+1}`."""
+    def patch_embed(self) -> nn.Module:
+        """timm's `PatchEmbed` (`stem` of an MLP-Mixer)."""
+        return self.model.stem if self.family == "mixer" else self.model.patch_embed
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The blocks, `blocks[j](x, attn_mask=None)` maps `r_j` to `r_{j+1}` (EVA's rope filled in)."""
+        if self.family == "eva":
+            return self.__dict__["_block_list"]
         return self.model.blocks
 
     @property
@@ -77,34 +169,75 @@ class ViTClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        if self.classifier is not None:
+            out = getattr(self.classifier, "out_features", None) or self.classifier.num_classes
+            return int(out)
         return int(self.model.num_classes)
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the blocks mix tokens by attention (ViT, EVA) rather than fixed MLPs (Mixer)."""
+        return self.family != "mixer"
+
+    @property
+    def pool_include_prefix(self) -> bool:
+        """Whether patch pooling also averages the prefix tokens (timm `pool_include_prefix`)."""
+        return bool(getattr(self.model, "pool_include_prefix", False))
+
+    def check_token_removal(self, what: str = "token removal") -> None:
+        """Raise a ValueError saying why `what` (attention-masked token dropping) is undefined on this model."""
+        if not self.has_attention:
+            raise ValueError(
+                f"{what} is not supported on model '{self.name}' ({self.family}): its token-mixing MLPs have a "
+                f"fixed sequence length, so tokens cannot be hidden by an attention mask"
+            )
 
     def grid_size(self, images: Tensor) -> tuple[int, int]:
         """Patch grid `(gh, gw)` for images of this spatial size."""
         h, w = images.shape[-2:]
-        if getattr(self.model.patch_embed, "dynamic_img_size", False) or self.model.dynamic_img_size:
-            return tuple(self.model.patch_embed.dynamic_feat_size((h, w)))
-        expected = tuple(self.model.patch_embed.img_size)
+        pe = self.patch_embed
+        if getattr(pe, "dynamic_img_size", False) or getattr(self.model, "dynamic_img_size", False):
+            return tuple(pe.dynamic_feat_size((h, w)))
+        expected = tuple(pe.img_size)
         if (h, w) != expected:
             raise ValueError(
                 f"model '{self.name}' expects {expected[0]}x{expected[1]} images, got {h}x{w}; "
                 f"resize the data or build the model with dynamic_img_size=true"
             )
-        return tuple(self.model.patch_embed.grid_size)
+        return tuple(pe.grid_size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.patch_size)
+        return tuple(self.patch_embed.patch_size)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The input size `(H, W)` the model was built for."""
+        return tuple(self.patch_embed.img_size)
 
     # -- the residual stream --------------------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
         """Pixel space `[B, 3, H, W]` in [0, 1] to the model's input normalisation."""
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
+    def rope_embed(self) -> Tensor | None:
+        """EVA's rotary table for the model's grid (None for other families or without rope)."""
+        rope = getattr(self.model, "rope", None)
+        if rope is None:
+            return None
+        if hasattr(rope, "feat_shape"):
+            return rope.get_embed()
+        return rope.get_embed(shape=self.model.patch_embed.grid_size)
+
     def embed(self, images: Tensor) -> Tensor:
         """`r_0` `[B, T, D]`: patch embed, prefix tokens, position embedding, pre-norm (as timm's forward_features)."""
         m = self.model
-        x = m.patch_embed(self.normalize(images))
+        x = self.patch_embed(self.normalize(images))
+        if self.family == "mixer":
+            return x
+        if self.family == "eva":
+            x, _ = m._pos_embed(x)
+            return m.norm_pre(x)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
         return m.norm_pre(x)
@@ -113,13 +246,66 @@ class ViTClassifier(nn.Module):
         self, x: Tensor, start: int = 0, stop: int | None = None, attn_mask: Tensor | None = None
     ) -> Tensor:
         """Run blocks `start..stop-1` on `r_start` `[B, T, D]`, returning `r_stop`; `attn_mask` as timm blocks take it."""
-        for block in self.model.blocks[start:stop]:
+        if attn_mask is not None:
+            self.check_token_removal("an attention mask")
+        for block in list(self.blocks)[start:stop]:
             x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
         return x
 
-    def head(self, x: Tensor) -> Tensor:
-        """Logits `[B, num_classes]` from `r_L` `[B, T, D]`: final norm, pooling, fc_norm and classifier."""
-        return self.model.forward_head(self.model.norm(x))
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The final norm of `r_L` `[B, T, D]` (Identity in models that norm after pooling, `fc_norm`)."""
+        return self.model.norm(x)
+
+    def pool(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Pooled features from normed tokens `x` `[B, T, D]`; with `keep` `[B, N]` (bool, patch tokens) only the
+        kept patch tokens are pooled, as if the others had been removed from the sequence.
+
+        Returns `[B, D]` (`[B, 2, D]` for `distilled`, `[B, 2D]` for `token+avg`). An empty kept set pools to
+        the all-zero feature. Prefix-token pools (`token`, `distilled`) ignore `keep`.
+        """
+        pool, npre = self.pooling, self.num_prefix_tokens
+        if pool == "token":
+            return x[:, 0]
+        if pool == "distilled":
+            return x[:, :2]
+        w = None if keep is None else keep.to(x.dtype)
+        if pool == "token+avg":
+            patches = x[:, npre:]
+            mean = patches.mean(1) if w is None else _masked_mean(patches, w)
+            return torch.cat([x[:, 0], mean], dim=-1)
+        if self.pool_include_prefix:
+            if w is not None:
+                w = torch.cat([w.new_ones(w.shape[0], npre), w], dim=1)
+        else:
+            x = x[:, npre:]
+        if w is None:
+            avg = x.mean(1)
+            mx = x.amax(1) if pool != "avg" else None
+        else:
+            avg = _masked_mean(x, w)
+            mx = None
+            if pool != "avg":
+                count = w.sum(1)[:, None]
+                mx = x.masked_fill(w[:, :, None] == 0, float("-inf")).amax(1)
+                mx = torch.where(count > 0, mx, torch.zeros_like(mx))
+        if pool == "avg":
+            return avg
+        return mx if pool == "max" else 0.5 * (mx + avg)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits `[B, C]` from pooled features (`pool`'s output): fc_norm, dropout, classifier."""
+        m = self.model
+        if self.pooling == "distilled":
+            a, b = m.head_drop(features[:, 0]), m.head_drop(features[:, 1])
+            return (m.head(a) + m.head_dist(b)) / 2
+        fc_norm = getattr(m, "fc_norm", None)
+        x = m.head_drop(features if fc_norm is None else fc_norm(features))
+        return self.classifier(x) if self.classifier is not None else m.head(x)
+
+    def head(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Logits `[B, C]` from `r_L` `[B, T, D]`: final norm, pooling (of the kept patch tokens `keep` `[B, N]`
+        only, when given), fc_norm and classifier."""
+        return self.classify(self.pool(self.final_norm(x), keep))
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits `[B, num_classes]` for pixel-space images `[B, 3, H, W]`."""
@@ -132,3 +318,9 @@ class ViTClassifier(nn.Module):
     def patch_tokens(self, x: Tensor) -> Tensor:
         """The patch tokens `[B, N, D]` of a residual `[B, T, D]`."""
         return x[:, self.num_prefix_tokens :]
+
+
+def _masked_mean(x: Tensor, w: Tensor) -> Tensor:
+    """Mean of `x` `[B, T, D]` over the tokens with weight `w` `[B, T]` = 1 (zero where none is kept)."""
+    count = w.sum(1, keepdim=True).clamp_min(1.0)
+    return (x * w[:, :, None]).sum(1) / count

@@ -50,8 +50,6 @@ Score = Literal["prob", "logit"]
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 """0.0, 0.1, ..., 1.0: both endpoints included, as the AUC "including the unmasked endpoint" needs."""
 
-_PATCH_POOLS = ("avg", "max", "avgmax")
-
 
 def check_fractions(fractions: Sequence[float] | Tensor | None) -> Tensor:
     """Validate `fractions` (strictly increasing, within [0, 1]); None gives `DEFAULT_FRACTIONS`. Returns `[K]` float64."""
@@ -103,47 +101,16 @@ def keep_masks(
 def masked_head(model: ViTClassifier, x: Tensor, keep: Tensor) -> Tensor:
     """Logits `[B, C]` from `r_L` `[B, T, D]` with only the kept patch tokens `keep` `[B, N]` (bool) pooled.
 
-    Token pooling ('token': the CLS token) is unaffected by removed tokens and uses the model's own head.
-    Patch pooling (avg / max / avgmax, over the patches and, with `pool_include_prefix`, the prefix tokens)
-    pools over the kept tokens only, exactly as timm's `global_pool_nlc` would on the shortened sequence;
-    an empty set pools to the all-zero feature (see the module docstring). Then fc_norm, head_drop, head.
+    Delegates to `ViTClassifier.head(x, keep)`: token pooling (CLS, DeiT's distilled pair) is unaffected by
+    removed tokens; patch pooling (avg / max / avgmax, and the mean half of DINOv2's CLS + mean head) pools
+    over the kept tokens only, exactly as on the shortened sequence; an empty set pools to the all-zero
+    feature (see the module docstring). Then fc_norm, head_drop, classifier.
     """
-    m = model.model
-    pool = m.global_pool
-    if pool == "token":
-        return model.head(x)
-    if pool not in _PATCH_POOLS:
-        raise ValueError(
-            f"model '{model.name}': token removal supports global_pool token/avg/max/avgmax, got '{pool}'"
-        )
-    x = m.norm(x)
-    npre = model.num_prefix_tokens
-    w = keep.to(x.dtype)
-    if m.pool_include_prefix:
-        w = torch.cat([w.new_ones(w.shape[0], npre), w], dim=1)
-    else:
-        x = x[:, npre:]
-    w = w[:, :, None]  # [B, T', 1]
-    count = w.sum(1)
-    avg = (x * w).sum(1) / count.clamp_min(1.0)
-    feat = avg
-    if pool in ("max", "avgmax"):
-        mx = x.masked_fill(w == 0, float("-inf")).amax(1)
-        mx = torch.where(count > 0, mx, torch.zeros_like(mx))
-        feat = mx if pool == "max" else 0.5 * (mx + avg)
-    return m.head(m.head_drop(m.fc_norm(feat)))
+    return model.head(x, keep)
 
 
 def _check_model(model: ViTClassifier) -> None:
-    m = model.model
-    if m.global_pool == "token" and model.num_prefix_tokens == 0:
-        raise ValueError(
-            f"model '{model.name}' pools a 'token' but has no prefix token; token removal is undefined"
-        )
-    if m.global_pool not in ("token", *_PATCH_POOLS):
-        raise ValueError(
-            f"model '{model.name}': token removal supports global_pool token/avg/max/avgmax, got '{m.global_pool}'"
-        )
+    model.check_token_removal("token removal (deletion / insertion)")
 
 
 @torch.no_grad()

@@ -1,0 +1,197 @@
+"""LibraGrad faithfulness metrics: `MIF`, `LIF` and `SRG = LIF - MIF` (see `functional/faithfulness.py`).
+
+Each metric stores per (image, class) the trapezoid area of its curve over the removal ratios *including the
+unmasked end 0*, and the curves themselves (`curve()`, `per_sample_curves()`). `higher_is_better` follows the
+order and the score (`functional.faithfulness.higher_is_better`): e.g. MIF with `prob` is lower-is-better,
+MIF with `aopc` higher-is-better, SRG with `prob` higher-is-better.
+
+Shared work: every instance with the same perturbation settings (`ratios`, `removal`, `baseline`,
+`max_batch`) scoring the same batch with the same model shares one unperturbed forward and one set of
+perturbed forwards through `BATCH_CACHE`. The orders (MIF, LIF) that live instances with those settings need
+are computed together on the first request, so MIF, LIF and SRG with any scores cost the forwards of one
+MIF + one LIF curve, packed into the same batches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from caap.batch import AttributionBatch
+from caap.metrics._cache import BATCH_CACHE
+from caap.metrics.curves import CurveMetric
+from caap.metrics.functional.faithfulness import (
+    ORDERS,
+    REMOVALS,
+    check_ratios,
+    check_removal,
+    check_replace_baseline,
+    check_score,
+    higher_is_better,
+    removal_axis,
+    score_curves,
+    token_removal_outcomes,
+    unperturbed_outcomes,
+)
+from caap.models.vit import ViTClassifier
+
+_LIVE: dict[int, weakref.ref] = {}
+"""Live token-faithfulness metrics by id: which orders each perturbation setting needs."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _plain_dict(value: Any) -> dict[str, Any]:
+    if isinstance(value, DictConfig):
+        return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
+    return dict(value)
+
+
+def _model(metric: CurveMetric, model: torch.nn.Module | None) -> ViTClassifier:
+    if not isinstance(model, ViTClassifier) and not hasattr(model, "embed"):
+        raise ValueError(f"{metric.name} runs the model: pass the ViTClassifier to update(batch, model)")
+    return model  # type: ignore[return-value]
+
+
+def unperturbed(batch: AttributionBatch, model: ViTClassifier):
+    """The batch's unperturbed `Outcomes` `[P]`, computed once per (batch, model) for every metric."""
+    return BATCH_CACHE.get(
+        batch, ("unperturbed", id(model)), lambda: unperturbed_outcomes(model, batch.images, batch.classes)
+    )
+
+
+class _TokenFaithfulness(CurveMetric):
+    """Base of MIF / LIF / SRG; `order` names which curve (SRG = LIF - MIF)."""
+
+    order: str = "mif"
+
+    @property  # per instance: it depends on the score (torchmetrics forbids assigning it)
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        return self._better_higher
+
+    def __init__(
+        self,
+        score: str = "prob",
+        ratios: Sequence[float] | None = None,
+        removal: str = "drop",
+        baseline: str | Mapping[str, Any] = "black",
+        max_batch: int = 4096,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.score_kind = check_score(score)
+        self.ratios = check_ratios(ratios)
+        if removal not in REMOVALS:
+            raise ValueError(f"{self.name}: removal='{removal}' is not supported; allowed: {list(REMOVALS)}")
+        self.removal = removal
+        if removal == "replace":
+            check_replace_baseline(baseline if isinstance(baseline, str) else _plain_dict(baseline))
+        self.baseline = _plain(baseline) if not isinstance(baseline, str) else baseline
+        if int(max_batch) < 1:
+            raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
+        self.max_batch = int(max_batch)
+        self._better_higher = higher_is_better(self.order, score)
+        key = id(self)
+        _LIVE[key] = weakref.ref(self, lambda _: _LIVE.pop(key, None))
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return ORDERS if self.order == "srg" else (self.order,)
+
+    def setting(self) -> Hashable:
+        """What the perturbed forwards depend on (besides the batch and the model)."""
+        baseline = self.baseline if self.removal == "replace" else None
+        return (tuple(self.ratios.tolist()), self.removal, baseline, self.max_batch)
+
+    def axis(self) -> Tensor:
+        return removal_axis(self.ratios)
+
+    def _wanted_orders(self) -> set[str]:
+        """Orders needed by this instance and every live instance with the same setting."""
+        mine = self.setting()
+        wanted = set(self.needs)
+        for ref in list(_LIVE.values()):
+            other = ref()
+            if isinstance(other, _TokenFaithfulness) and other.setting() == mine:
+                wanted.update(other.needs)
+        return wanted
+
+    def outcomes(self, batch: AttributionBatch, model: ViTClassifier) -> dict[str, Any]:
+        """Perturbed `Outcomes` `[P, K]` per needed order, shared through `BATCH_CACHE`."""
+        memo = BATCH_CACHE.entry(batch)
+        key = ("tokens", id(model), self.setting())
+        missing = [o for o in self.needs if (key, o) not in memo]
+        if missing:
+            todo = sorted(o for o in self._wanted_orders() if (key, o) not in memo)
+            res = token_removal_outcomes(
+                model,
+                batch.images,
+                batch.maps,
+                batch.classes,
+                self.ratios,
+                todo,
+                self.removal,
+                self.baseline,
+                self.max_batch,
+            )
+            for o, out in res.items():
+                memo[(key, o)] = out
+        return {o: memo[(key, o)] for o in self.needs}
+
+    def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""
+        vit = _model(self, model)
+        check_removal(vit, self.removal)  # before any forward pass
+        full = unperturbed(batch, vit)
+        curves = {o: score_curves(full, out, self.score_kind) for o, out in self.outcomes(batch, vit).items()}
+        if self.order == "srg":
+            return curves["lif"] - curves["mif"]
+        return curves[self.order]
+
+
+class MIF(_TokenFaithfulness):
+    """LibraGrad MIF: area of the target's score while the most-attributed patch tokens are removed first.
+
+    Args:
+        score: 'prob' (default), 'logit', 'top1', 'aopc' or 'log_odds' (see `functional.faithfulness`).
+        ratios: removal ratios in (0, 1] (default 0.1, ..., 0.9); the curve starts at the unmasked end 0.
+        removal: 'drop' (tokens leave the sequence, LibraGrad) or 'replace' (by `baseline`'s tokens).
+        baseline: for removal=replace: 'black', 'mean_color', 'blur' (or `{kind: blur, sigma: 5}`), 'zero'.
+        max_batch: most sequences per forward pass.
+
+    Lower is better for prob / logit / top1, higher for aopc / log_odds (`higher_is_better`).
+    """
+
+    order = "mif"
+
+
+class LIF(_TokenFaithfulness):
+    """LibraGrad LIF: area of the target's score while the least-attributed patch tokens are removed first.
+
+    Same arguments as `MIF`. Higher is better for prob / logit / top1, lower for aopc / log_odds.
+    """
+
+    order = "lif"
+
+
+class SRG(_TokenFaithfulness):
+    """LibraGrad SRG = LIF - MIF: the area between the two curves (per pair, then averaged).
+
+    Same arguments as `MIF`. Higher is better for prob / logit / top1, lower for aopc / log_odds.
+    """
+
+    order = "srg"

@@ -1,0 +1,126 @@
+"""RISE pixel deletion / insertion metrics (Petsiuk et al., BMVC 2018): `PixelDeletion`, `PixelInsertion`.
+
+Per (image, class) the trapezoid area of the target's score along the path of `functional.pixel_perturbation`
+over x = 0, 1/K, ..., 1; the curves are kept for `curve()`. Both metrics share the unperturbed forward of a
+batch with every other faithfulness metric (`BATCH_CACHE`), and instances with equal settings share the path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from caap.batch import AttributionBatch
+from caap.metrics._cache import BATCH_CACHE
+from caap.metrics.curves import CurveMetric
+from caap.metrics.faithfulness import _model, _plain, unperturbed
+from caap.metrics.functional.pixel_perturbation import (
+    PIXEL_BASELINES,
+    RISE_BLUR,
+    UPSAMPLING,
+    pixel_curves,
+    pixel_perturbation_outcomes,
+)
+
+
+class _PixelPerturbation(CurveMetric):
+    mode: str = "deletion"
+    default_baseline: Any = "zero"
+
+    def __init__(
+        self,
+        score: str = "prob",
+        steps: int | None = None,
+        baseline: str | Mapping[str, Any] | None = None,
+        upsample: str = "bilinear",
+        max_batch: int = 256,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        if score not in ("prob", "logit", "top1"):
+            raise ValueError(
+                f"{self.name}: score='{score}' is not supported; allowed: ['prob', 'logit', 'top1']"
+            )
+        if steps is not None and int(steps) < 1:
+            raise ValueError(
+                f"{self.name}: steps must be a positive integer or null (= image height), got {steps}"
+            )
+        if upsample not in UPSAMPLING:
+            raise ValueError(
+                f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
+            )
+        baseline = self.default_baseline if baseline is None else _plain(baseline)
+        kind = baseline if isinstance(baseline, str) else dict(baseline).get("kind")
+        if kind not in PIXEL_BASELINES:
+            raise ValueError(
+                f"{self.name}: baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}"
+            )
+        if int(max_batch) < 1:
+            raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
+        self.score_kind = score
+        self.steps = None if steps is None else int(steps)
+        self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
+        self._baseline_key = _plain(self.baseline)
+        self.upsample = upsample
+        self.max_batch = int(max_batch)
+        self._k: int | None = self.steps
+
+    def axis(self) -> Tensor:
+        if self._k is None:
+            raise RuntimeError(f"{self.name}: steps=null takes K from the image height; update once first")
+        return torch.linspace(0.0, 1.0, self._k + 1, dtype=torch.float64)
+
+    def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        vit = _model(self, model)
+        self._k = batch.images.shape[-2] if self.steps is None else self.steps
+        key = ("pixels", id(vit), self.mode, self._baseline_key, self._k, self.upsample, self.max_batch)
+        outcomes = BATCH_CACHE.get(
+            batch,
+            key,
+            lambda: pixel_perturbation_outcomes(
+                vit,
+                batch.images,
+                batch.maps,
+                batch.classes,
+                self.mode,
+                self.baseline,
+                self._k,
+                self.upsample,
+                self.max_batch,
+                full=unperturbed(batch, vit),
+            ),
+        )
+        return pixel_curves(outcomes, self.score_kind)
+
+
+class PixelDeletion(_PixelPerturbation):
+    """RISE deletion: area of the target's score while the top-ranked pixels are set to the baseline.
+
+    Args:
+        score: 'prob' (default), 'logit' or 'top1'.
+        steps: K steps of H*W/K pixels; null = the image height (RISE: W pixels a step).
+        baseline: 'zero' (default: normalised zero), 'black', 'mean_color', 'blur' or `{kind: blur, sigma, kernel_size}`.
+        upsample: 'bilinear' (default) or 'nearest' (whole patches in map order).
+        max_batch: most images per forward pass.
+
+    Lower is better.
+    """
+
+    mode = "deletion"
+    default_baseline = "zero"
+    higher_is_better = False
+
+
+class PixelInsertion(_PixelPerturbation):
+    """RISE insertion: area of the target's score while the top-ranked pixels are put back into the baseline.
+
+    Same arguments as `PixelDeletion`; the default baseline is RISE's blur (kernel 11, sigma 5). Higher is better.
+    """
+
+    mode = "insertion"
+    default_baseline = RISE_BLUR
+    higher_is_better = True

@@ -1,0 +1,109 @@
+"""`layers=auto`: the shared-work landscape equals CAAP range by range; calibration and evaluation are disjoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from caap.layer_selection import SELECTION_FILE, calibration_indices, range_maps
+from caap.maps_io import load_maps
+from caap.methods.caap import CAAP
+from caap.models import build_model
+from caap.models.layers import all_layer_ranges
+from caap.run import evaluate
+
+AUTO = [
+    "data=synthetic",
+    "data.limit=4",
+    "data.batch_size=4",
+    "model=test_vit",
+    "model.img_size=28",  # 4 x 4 patches: 28 ranges stay cheap
+    "data.dataset.image_size=28",
+    "method=caap",
+    "layers=auto",
+    "layers.calibration_images=3",
+    "layers.select_by._target_=caap.metrics.TokenDeletionAUC",
+    "+layers.select_by.fractions=[0.0,0.25,0.5,1.0]",
+    "metric=localisation",
+    "logger=csv",
+    "media_images=0",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """timm's test ViT (6 blocks) on 28 px images: 4 x 4 patches keep the 28 ranges x CAAP reference cheap."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield build_model("test_vit", img_size=28, num_classes=10, kwargs={"patch_size": 7}).eval()
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"score": "delta", "neutral": "black"},
+        {"score": "prob", "mode": "inject", "window": 2, "neutral": {"kind": "blur", "sigma": 2.0}},
+    ],
+)
+def test_range_maps_equal_caap_range_by_range(model, options) -> None:
+    images = torch.rand(3, 3, 28, 28)
+    images = torch.cat([images, images[:1]])  # a repeated image (two classes of one image, as target=label)
+    target = torch.tensor([1, 4, 7, 2])
+    ranges = all_layer_ranges(model.depth)
+    method = CAAP(chunk_size=32, **options)
+    got = dict(range_maps(method, model, images, target, ranges))
+    assert list(got) == ranges
+    for start, stop in ranges[:: 3 if options["score"] == "delta" else 7]:
+        reference = CAAP(start=start, stop=stop, chunk_size=32, **options).attribute(model, images, target)
+        torch.testing.assert_close(got[(start, stop)], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_indices_are_the_last_images() -> None:
+    assert calibration_indices(10, 3) == [7, 8, 9]
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match=r"layers\.calibration_images"):
+            calibration_indices(10, bad)
+
+
+def test_layers_auto_chooses_on_calibration_and_evaluates_on_disjoint_images(compose_cfg, tmp_path) -> None:
+    cfg = compose_cfg(*AUTO)
+    results = evaluate(cfg)
+    out = Path(cfg.output_dir)
+    chosen = json.loads((out / SELECTION_FILE).read_text())
+    depth = 6  # timm's test_vit
+    assert [(r["start"], r["stop"]) for r in chosen["landscape"]] == all_layer_ranges(depth)
+    # deletion AUC: lower is better, so the choice is the landscape's minimum
+    assert chosen["higher_is_better"] is False and chosen["metric"] == "TokenDeletionAUC"
+    best = min(chosen["landscape"], key=lambda r: r["value"])
+    assert (chosen["start"], chosen["stop"], chosen["value"]) == (best["start"], best["stop"], best["value"])
+    assert chosen["calibration_indices"] == [61, 62, 63]  # the last 3 of the 64 synthetic images
+    # the chosen range is what ran, and the evaluated images never include a calibration image
+    written = OmegaConf.load(out / "config.yaml")
+    assert (written.method.start, written.method.stop) == (chosen["start"], chosen["stop"])
+    evaluated = {i for i, _ in load_maps(out / "maps")}
+    with open(out / "per_image.csv") as fh:
+        evaluated |= {int(r["index"]) for r in csv.DictReader(fh)}
+    assert evaluated == {0, 1, 2, 3}
+    assert not evaluated & set(chosen["calibration_indices"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["layers_auto"]["start"] == chosen["start"] and set(results) == {"grid_pointing"}
+
+
+def test_layers_auto_sets_calibration_images_apart_from_an_unlimited_evaluation(compose_cfg) -> None:
+    cfg = compose_cfg(*AUTO, "data.limit=null", "data.dataset.size=8", "layers.calibration_images=2")
+    evaluate(cfg)
+    out = Path(cfg.output_dir)
+    evaluated = {i for i, _ in load_maps(out / "maps")}
+    assert evaluated == set(range(6))  # images 6 and 7 calibrated the range
+
+
+def test_layers_auto_needs_caap(compose_cfg) -> None:
+    with pytest.raises(ValueError, match="layers=auto chooses CAAP's layer range"):
+        evaluate(compose_cfg(*AUTO, "method=gradient"))
