@@ -78,6 +78,10 @@ class CaapSweeper(BasicSweeper):
                 [*job, *extra] for job in jobs for extra in generator(self._compose(job, override.input_line))
             ]
             log.info(f"caap sweeper: {override.input_line} -> {len(jobs)} jobs")
+        if self.config is not None:  # the true job count for `[job k/N]` (caap.sweep.JobProgress)
+            from caap.sweep import write_sweep_size
+
+            write_sweep_size(self.config.hydra.sweep.dir, len(jobs))
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
