@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
 
 from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
@@ -83,16 +86,22 @@ def test_best_per_column_respects_higher_is_better() -> None:
 
 
 def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
-    written = json.loads((sweep / RUNS[0][0] / "metrics.json").read_text())
-    assert written["higher_is_better"] == {"deletion": False, "insertion": True, "grid_pointing": True}
-    curves = json.loads((sweep / RUNS[0][0] / "curves.json").read_text())
-    assert set(curves) == {"deletion", "insertion"}
-    x, y = curves["deletion"]["x"], curves["deletion"]["y"]
-    assert x[0] == 0.0 and x[-1] == 1.0 and len(x) == len(y)
-    # the trapezoid AUC of the mean curve is the mean per-image AUC (the metric's value)
-    auc = sum((x[i + 1] - x[i]) * (y[i + 1] + y[i]) / 2 for i in range(len(x) - 1))
-    assert auc == pytest.approx(written["metrics"]["deletion"], rel=1e-6)
-    assert (sweep / RUNS[0][0] / "images.safetensors").is_file()
+    folder = sweep / RUNS[0][0]
+    written = json.loads((folder / "metrics.json").read_text())
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    metrics = {name: instantiate(node) for name, node in config["metric"].items()}
+    assert written["higher_is_better"] == {n: m.higher_is_better for n, m in metrics.items()}
+    assert set(written["higher_is_better"].values()) == {True, False}  # both directions in the default set
+    curves = json.loads((folder / "curves.json").read_text())
+    curve_metrics = {n for n, m in metrics.items() if callable(getattr(m, "curve", None))}
+    assert curve_metrics and set(curves) == curve_metrics
+    for name in curve_metrics:
+        x, y = curves[name]["x"], curves[name]["y"]
+        assert len(x) == len(y) and x == sorted(x)
+        # the metric's area of the mean curve is the mean per-image area (the metric's value: areas are linear)
+        area = metrics[name].auc(torch.tensor([y], dtype=torch.float64))
+        assert float(area) == pytest.approx(written["metrics"][name], rel=1e-6, abs=1e-9)
+    assert (folder / "images.safetensors").is_file()
 
 
 def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
@@ -101,13 +110,16 @@ def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
     assert [r.label for r in records] == [*caap, "random"]
     assert [r.layer_range for r in records] == [(0, 1), (0, 2), None]
     assert latest_run_dir(sweep.parent) == sweep
+    # several folders are labelled together (what differs across all of them)
+    both = load_runs(sweep / RUNS[1][0], sweep / RUNS[2][0])
+    assert [r.label for r in both] == ["caap layers.start=0,layers.stop=2", "random"]
     md = report["md"].read_text()
     for r in records:
         assert r.label in md
-    for name in ("deletion", "insertion", "grid_pointing"):  # exactly one column winner per metric here
-        values = {r.label: r.metrics[name] for r in records}
-        best = (min if name == "deletion" else max)(values.values())
-        assert f"**{best:.4f}**" in md
+    for name, higher in records[0].higher_is_better.items():  # the best value of each column is bold
+        values = [r.metrics[name] for r in records if math.isfinite(r.metrics[name])]
+        if values:
+            assert f"**{(max if higher else min)(values):.4f}**" in md
     rows = list(csv.DictReader(report["csv"].open()))
     assert [r["layers_stop"] for r in rows] == ["1", "2", ""]
 
@@ -153,8 +165,9 @@ def test_wandb_summary_run_holds_the_table(sweep: Path, report: dict[str, Path])
     table = json.loads((run_dir / "files" / items[TABLE_KEY]["path"]).read_text())
     records = load_runs(sweep)
     assert [row[0] for row in table["data"]] == [r.label for r in records]
-    col = table["columns"].index("deletion")
-    assert [row[col] for row in table["data"]] == pytest.approx([r.metrics["deletion"] for r in records])
+    name = next(iter(records[0].metrics))
+    col = table["columns"].index(name)
+    assert [row[col] for row in table["data"]] == pytest.approx([r.metrics[name] for r in records])
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ Hydra's launchers (basic, `hydra/launcher=parallel` (joblib), `slurm` and `submi
 job of a multirun in this process or in another one; `JobProgress` (a Hydra callback, see conf/config.yaml)
 counts the jobs once when the multirun starts, stores the count in the sweep folder (`sweep.json`) so that jobs
 in other processes or on other nodes read it, and prints `[job k/N] overrides` when each job starts.
-A sweeper that expands its own values (e.g. a generated layer sweep) calls `write_sweep_size` in its `sweep`
+A sweeper that expands its own values (e.g. a generated layer sweep) calls `write_sweep_size` before its first batch
 (which runs after `on_multirun_start`) to give the true count.
 """
 

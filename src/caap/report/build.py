@@ -35,7 +35,10 @@ def make_figures(
     curves = fig.curve_figure(records, higher)
     if curves is not None:
         sections["Curves"].append(
-            ("mean curves of each method's best run (AUC in the legend)", fig.png_bytes(curves))
+            (
+                "mean curves of each method's best run, or of the best runs of a one-method sweep (AUC in the legend)",
+                fig.png_bytes(curves),
+            )
         )
     metric = rank_by or metric_names(records)[0]
     if metric not in higher:
@@ -44,7 +47,10 @@ def make_figures(
     class_names = (chosen[0].config.get("model") or {}).get("class_names") if chosen else None
     gallery = fig.gallery_figure(chosen, class_names, gallery_maps)
     if gallery is not None:
-        caption = f"maps over the images (red +, blue -): best run of each method by {metric}"
+        caption = (
+            f"maps over the images (red +, blue -, opacity = |value|): each method's best run by {metric}, "
+            "or the best runs of a one-method sweep"
+        )
         sections["Maps"].append((caption, fig.png_bytes(gallery)))
     return sections
 

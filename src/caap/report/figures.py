@@ -89,7 +89,7 @@ def layer_heatmaps(records: Sequence[RunRecord], higher: dict[str, bool], title:
         ax.set_ylabel("layers.start")
         ax.set_title(f"{metric} ({'higher' if up else 'lower'} is better)", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.04)
     return fig
 
 

@@ -14,7 +14,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th:first-child, td:first-child, td:nth-child(2) { text-align: left; }
+th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 td.best { font-weight: bold; background: #d8f0d8; }
 img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
 .note { color: #666; font-size: 12px; }

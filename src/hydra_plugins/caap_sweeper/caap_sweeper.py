@@ -12,7 +12,7 @@ derives a grid from the composed config, hence this small subclass.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,21 +78,18 @@ class CaapSweeper(BasicSweeper):
                 [*job, *extra] for job in jobs for extra in generator(self._compose(job, override.input_line))
             ]
             log.info(f"caap sweeper: {override.input_line} -> {len(jobs)} jobs")
-        if generated and getattr(self, "_in_sweep", False) and self.config is not None:
-            from caap.sweep import write_sweep_size  # the true N of `[job k/N]` (caap.sweep.JobProgress)
-
-            write_sweep_size(self.config.hydra.sweep.dir, len(jobs))
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
 
-    def sweep(self, arguments: list[str]) -> Any:
-        """The basic sweeper's sweep; records the expanded job count in the sweep folder for the jobs."""
-        self._in_sweep = True
-        try:
-            return super().sweep(arguments)
-        finally:
-            self._in_sweep = False
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        """The next batch of jobs; before the first, the true job count goes to the sweep folder for
+        `[job k/N]` (`caap.sweep.JobProgress` cannot count generated values itself)."""
+        if self.batch_index == 0 and self.overrides is not None and self.config is not None:
+            from caap.sweep import write_sweep_size
+
+            write_sweep_size(self.config.hydra.sweep.dir, sum(len(batch) for batch in self.overrides))
+        return super().get_job_batch()
 
     def _compose(self, job: list[str], what: str) -> Any:
         """The composed config of one job (before its generated overrides)."""
