@@ -263,16 +263,15 @@ def test_run_on_voc_scores_segmentation_metrics(compose_cfg, tmp_path) -> None:
         "data=voc_segmentation",
         f"data.root={root}",
         "method=random",
-        "metric=localisation",
-        "~metric.grid_pointing",
-        "+metric.pointing={_target_: caap.metrics.PointingGame, mask: item}",
-        "+metric.deletion={_target_: caap.metrics.TokenDeletionAUC}",
+        "metric=segmentation",
         "target=pred",
         "logger=csv",
         "media_images=0",
     )
     results = evaluate(cfg)
-    assert set(results) == {"pointing", "deletion"} and all(np.isfinite(v) for v in results.values())
+    expected = {"mif", "lif", "srg", "pointing", "pointing_tolerance", "energy_pointing"}
+    expected |= {"seg_pixel_accuracy", "seg_miou", "seg_map", "seg_ap"}
+    assert set(results) == expected and all(np.isfinite(v) for v in results.values())
     facts = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert facts["num_maps"] == 2
 
