@@ -443,3 +443,13 @@ def test_token_metric_nan_map_skipped(cls_model: ViTClassifier, caplog: pytest.L
         value = metric.compute()
     assert math.isfinite(float(value)) and "1 of 2 values undefined" in caplog.text
     assert torch.isfinite(metric.curve()[1]).all()
+
+
+def test_sub_results_take_their_metric_direction() -> None:
+    from caap.metrics import MIF, CascadingRandomisation, GridPointingGame
+    from caap.metrics.base import higher_is_better
+
+    metrics = {"sanity": CascadingRandomisation(), "mif": MIF(), "grid": GridPointingGame()}
+    assert not higher_is_better("sanity/block3", metrics) and not higher_is_better("sanity", metrics)
+    assert not higher_is_better("mif", metrics) and higher_is_better("grid", metrics)
+    assert higher_is_better("unknown", metrics)

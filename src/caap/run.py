@@ -29,7 +29,7 @@ from caap.data import AttributionDataModule
 from caap.layer_selection import LayerSelection, apply_selection, log_selection, select_layer_range
 from caap.lit.callbacks import MapWriter, RunOutputs, SampleImages, WandbMedia
 from caap.lit.module import AttributionModule
-from caap.metrics.base import AttributionMetric
+from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
 from caap.resume import (
     FINISHED_KEY,
@@ -137,7 +137,7 @@ def print_summary(
     table.add_column("value", justify="right")
     table.add_column("better", justify="center")
     for name, value in results.items():
-        better = "higher" if getattr(metrics.get(name), "higher_is_better", True) else "lower"
+        better = "higher" if higher_is_better(name, metrics) else "lower"
         table.add_row(name, f"{value:.4f}", better)
     console.print(table)
     console.print(f"outputs: {facts['output_dir']}")

@@ -17,6 +17,7 @@ from caap.batch import AttributionBatch
 from caap.lit.media import overlay_panel
 from caap.lit.module import AttributionModule
 from caap.maps_io import write_maps
+from caap.metrics.base import higher_is_better
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,8 @@ class RunOutputs(L.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = per_sample_rows(pl_module, self.class_names)
         payload = {"metrics": pl_module.results, "num_maps": len(rows), **self.extra}
-        payload["higher_is_better"] = {
-            name: bool(getattr(metric, "higher_is_better", True))
-            for name, metric in pl_module.metrics.items()
-        }
+        metrics = dict(pl_module.metrics.items())
+        payload["higher_is_better"] = {name: higher_is_better(name, metrics) for name in pl_module.results}
         (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
         if pl_module.curves:  # {metric: {"x": [K], "y": [K]}}: the mean curve of each curve metric
             curves = {name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()}

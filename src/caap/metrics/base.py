@@ -113,3 +113,10 @@ def _cat(x: list[Tensor] | Tensor) -> Tensor:
 
 def _nonempty(x: list[Tensor] | Tensor) -> bool:
     return (len(x) > 0) if isinstance(x, list) else x.numel() > 0
+
+
+def higher_is_better(name: str, metrics: dict[str, AttributionMetric]) -> bool:
+    """Direction of the result `name`: the metric's own, or for a sub-result `<metric>/<key>` (e.g. a sanity
+    stage `sanity/block3`) the direction of `<metric>`; True for names that match no metric."""
+    metric = metrics.get(name) or metrics.get(name.split("/", 1)[0])
+    return bool(getattr(metric, "higher_is_better", True))
