@@ -12,42 +12,40 @@ and the whole set (the 15 token metrics and the 2 pixel metrics on one batch, sh
 the per-batch cache) with the sum of the plain / per-step loops each metric would run on its own. Values are
 checked against the plain loop. Timing: best of `--repeats`, interleaved, after a warm-up.
 
-Measured 2026-11-27 on this project's CPU machine (2 cores shared with four other engineers' jobs, load
-average ~10 during the run, so absolute times are inflated and noisy; 1 torch thread, 8 FashionGrid test grids
-= 21 (image, class) pairs, best of 3, `python benchmarks/metric_speed.py --images 8 --repeats 3`):
+Measured 2026-11-27 on this project's CPU machine (2 cores, otherwise idle; 1 torch thread, 8 FashionGrid
+test grids = 21 (image, class) pairs, best of 3, `python benchmarks/metric_speed.py --images 8 --repeats 3`;
+pixel metrics with their CPU default of 32 images per forward):
 
     metric          score       ours ms  plain ms  step ms  x plain  x step
-    MIF             prob          865.6    2748.7    716.9     3.2x   0.83x
-    MIF             logit         747.4    1835.9    608.2     2.5x   0.81x
-    MIF             top1          838.0    2359.1    757.3     2.8x   0.90x
-    MIF             aopc          793.5    2344.8    669.3     3.0x   0.84x
-    MIF             log_odds      701.0    2133.9    692.7     3.0x   0.99x
-    LIF             prob          658.7    1961.3    664.3     3.0x   1.01x
-    LIF             logit         479.9    1333.4    434.0     2.8x   0.90x
-    LIF             top1          675.9    2026.3    759.3     3.0x   1.12x
-    LIF             aopc          578.1    2056.3    541.0     3.6x   0.94x
-    LIF             log_odds      702.1    2872.0    693.1     4.1x   0.99x
-    SRG             prob         1239.3    5853.8   1369.9     4.7x   1.11x
-    SRG             logit        1320.8    3818.8   1279.6     2.9x   0.97x
-    SRG             top1         1320.7    3857.4   1130.9     2.9x   0.86x
-    SRG             aopc         1337.7    4350.0   1298.2     3.3x   0.97x
-    SRG             log_odds     1766.7    4731.6   1514.6     2.7x   0.86x
-    pixel_deletion  prob        10101.3   16773.9   7905.3     1.7x   0.78x
-    pixel_insertion prob        11463.7   21336.4   9315.3     1.9x   0.81x
-    15 of 17 (metric, score) ratios against the plain loop are >= 2x
-    15 token metrics on one batch (shared forwards): 1060 ms; separate plain loops 44283 ms (41.8x),
-        separate per-step loops 13129 ms (12.38x)
-    2 pixel metrics on one batch (shared forwards): 14941 ms; separate plain loops 38110 ms (2.6x),
-        separate per-step loops 17221 ms (1.15x)
-    all 17: 16001 ms; plain 5.1x, per-step 1.90x
+    MIF             prob          308.7     894.6    301.0     2.9x   0.98x
+    MIF             logit         325.0     872.0    315.5     2.7x   0.97x
+    MIF             top1          338.9     926.2    322.1     2.7x   0.95x
+    MIF             aopc          244.0     622.7    236.4     2.6x   0.97x
+    MIF             log_odds      236.4     577.6    234.8     2.4x   0.99x
+    LIF             prob          248.8     603.7    337.3     2.4x   1.36x
+    LIF             logit         236.5     583.7    235.4     2.5x   1.00x
+    LIF             top1          243.2     668.1    252.7     2.7x   1.04x
+    LIF             aopc          232.6     587.4    234.8     2.5x   1.01x
+    LIF             log_odds      244.6     767.3    315.1     3.1x   1.29x
+    SRG             prob          412.2    1110.7    486.6     2.7x   1.18x
+    SRG             logit         441.4    1472.1    461.3     3.3x   1.04x
+    SRG             top1          539.1    1695.4    564.7     3.1x   1.05x
+    SRG             aopc          395.2    1062.6    420.6     2.7x   1.06x
+    SRG             log_odds      393.8    1044.0    429.7     2.7x   1.09x
+    pixel_deletion  prob         2270.3    5208.0   2305.0     2.3x   1.02x
+    pixel_insertion prob         2252.0    4735.5   2257.3     2.1x   1.00x
+    17 of 17 (metric, score) ratios against the plain loop are >= 2x
+    15 token metrics on one batch (shared forwards): 400 ms; separate plain loops 13488 ms (33.7x), separate per-step loops 5148 ms (12.88x)
+    2 pixel metrics on one batch (shared forwards): 4617 ms; separate plain loops 9944 ms (2.2x), separate per-step loops 4562 ms (0.99x)
+    all 17: 5017 ms; plain 4.7x, per-step 1.94x
 
 Honestly: one metric alone is no faster than a loop that batches the pairs and runs one forward per step
-(0.8-1.1x above, within the noise of the loaded machine). The token-drop path *is* such a loop, batched over
+(0.95-1.36x above). The token-drop path *is* such a loop, batched over
 pairs and both orders (all sequences of one length run together: MIF at ratio r and LIF at ratio r have the
 same length); padding all lengths into one key-masked batch was measured about 2x slower on this CPU (the
 padding doubles the tokens and the masks take SDPA off its fast path). The pixel path packs all (pair, step)
-images into `max_batch` chunks, which on this CPU is about as fast as per-step batches. The gains are
-against one forward per (pair, step) (2.5-4.7x for the token metrics, ~2x for the pixel metrics) and from
+images into `max_batch` chunks (32 on a CPU: larger batches were 1.3x slower per image), as fast as per-step batches. The gains are
+against one forward per (pair, step) (2.4-3.3x for the token metrics, 2.1-2.3x for the pixel metrics) and from
 sharing: the 15 token metrics (MIF / LIF / SRG x 5 scores) together cost one MIF + LIF computation, 12x less
 than 15 separate per-step loops.
 
