@@ -18,20 +18,16 @@ import time
 from functools import partial
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from caap.config import register_schemas
+from caap.config import compose_config
 from caap.methods import CAAP
 from caap.methods.gradient import Gradient
-from caap.paths import CONF_DIR
 
 
 def build(config: str):
     """The conf/model option with random weights (model.pretrained=false), as a run would build it."""
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={config}", "model.pretrained=false", "output_dir=/tmp/x"])
+    cfg = compose_config([f"model={config}", "model.pretrained=false", "output_dir=/tmp/x"])
     return instantiate(cfg.model)
 
 

@@ -17,16 +17,9 @@ import json
 import logging
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from caap.config import register_schemas
-from caap.paths import CONF_DIR, REPO_ROOT
+from caap.config import compose_config
+from caap.paths import REPO_ROOT
 from caap.run import evaluate
-
-
-def compose_run(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def main() -> None:
@@ -42,7 +35,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
-    register_schemas()
     common = ["metric=sanity", "logger=csv", "media_images=0", "trainer.enable_progress_bar=false"]
     if args.independent:
         common.append("metric.sanity.cumulative=false")
@@ -50,7 +42,7 @@ def main() -> None:
     for method in args.methods:
         name, *extra = method.split(";")
         out = args.out / "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in method)
-        cfg = compose_run([*common, f"method={name}", *extra, *args.overrides, f"output_dir={out}"])
+        cfg = compose_config([*common, f"method={name}", *extra, *args.overrides, f"output_dir={out}"])
         rows[method] = evaluate(cfg)
         print(f"{method}: {json.dumps(rows[method])}", flush=True)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -28,3 +28,13 @@ def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
             return compose("config", overrides=[f"output_dir={tmp_path / 'run'}", *overrides])
 
     return _compose
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest (and without oversubscription next to other jobs) on one intra-op thread; use
+    with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` in a test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

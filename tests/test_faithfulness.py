@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -45,12 +44,7 @@ from caap.models.vit import ViTClassifier
 FG = "vit_fashiongrid_patch7_56"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(kwargs: dict | None = None, name: str = FG, multilabel: bool = True) -> ViTClassifier:

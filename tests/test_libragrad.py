@@ -7,7 +7,6 @@ LayerNorm to the identity, which would make all bias terms vanish, so `_model` d
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -44,12 +43,7 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(kwargs: dict | None = None, seed: int = 1, double: bool = False) -> ViTClassifier:

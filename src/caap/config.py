@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -101,3 +101,15 @@ def register_schemas() -> None:
     cs.store(group="schema", name="layers", node=LayersConfig)
     cs.store(group="schema", name="layers_auto", node=AutoLayersConfig)
     cs.store(group="schema", name="data", node=DataConfig)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The composed `conf/config.yaml` with command-line style `overrides`, outside a Hydra app (scripts,
+    benchmarks); the schemas and resolvers are registered first."""
+    from hydra import compose, initialize_config_dir
+
+    from caap.paths import CONF_DIR
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)

@@ -58,14 +58,14 @@ class AttributionModule(L.LightningModule):
 
         Pairs `(index, class)` found in `stored_maps` are read from there; the method runs on the others only.
         """
-        stored = torch.tensor(
-            [(i, c) in self.stored_maps for i, c in zip(index.tolist(), classes.tolist(), strict=True)],
-            dtype=torch.bool,
-            device=images.device,
-        )
+        if not self.stored_maps:  # not resuming: no host round-trip for the keys
+            return self.method(self.model, images, classes), torch.zeros(
+                len(classes), dtype=torch.bool, device=images.device
+            )
+        keys = list(zip(index.tolist(), classes.tolist(), strict=True))
+        stored = torch.tensor([k in self.stored_maps for k in keys], dtype=torch.bool, device=images.device)
         if not stored.any():
             return self.method(self.model, images, classes), stored
-        keys = list(zip(index.tolist(), classes.tolist(), strict=True))
         first = self.stored_maps[keys[int(stored.nonzero()[0])]]
         maps = torch.empty(len(keys), *first.shape, dtype=torch.float32, device=images.device)
         rows = stored.nonzero().flatten().tolist()
