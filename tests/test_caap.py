@@ -14,9 +14,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from caap.methods.caap import (
-    CAAP,
-    estimate_sequence_bytes,
+from caap.methods.caap import CAAP
+from caap.methods.neutral import (
+    NEUTRAL_KINDS,
+    DatasetMeanNeutral,
+    NoiseNeutral,
+    build_neutral,
+)
+from caap.methods.patching import (
     neutral_prefix,
     patch_positions,
     patched_logits,
@@ -26,14 +31,9 @@ from caap.methods.caap import (
     unpatched_logits,
     window_masks,
 )
-from caap.methods.neutral import (
-    NEUTRAL_KINDS,
-    DatasetMeanNeutral,
-    NoiseNeutral,
-    build_neutral,
-)
 from caap.models import build_model
 from caap.models.layers import resolve_layer_range
+from caap.models.memory import estimate_sequence_bytes
 from caap.models.vit import ViTClassifier
 
 FG = "vit_fashiongrid_patch7_56"
@@ -386,8 +386,8 @@ def test_neutral_prefix_is_cached_and_invalidated(monkeypatch) -> None:
     model = build_model(FG, kwargs={"depth": 3}, img_size=28)
     images, target = torch.rand(2, 3, 28, 28), torch.tensor([0, 1])
     calls = []
-    real = caap_module.neutral_prefix
-    monkeypatch.setattr(caap_module, "neutral_prefix", lambda *a: calls.append(1) or real(*a))
+    real = caap_module.neutral_states
+    monkeypatch.setattr(caap_module, "neutral_states", lambda *a: calls.append(1) or real(*a))
     method = CAAP(start=1, stop=3, neutral="black")
     first = method(model, images, target)
     method(model, torch.rand(3, 3, 28, 28), torch.tensor([0, 1, 2]))
