@@ -24,7 +24,6 @@ from caap.methods.base import AttributionMethod
 from caap.methods.neutral import NeutralContext, build_neutral
 from caap.methods.patching import (
     MODES,
-    SCORES,
     check_choice,
     compute_dtype,
     group_rows_by_image,
@@ -37,6 +36,7 @@ from caap.methods.patching import (
 )
 from caap.models.layers import all_layer_ranges, resolve_layer_range
 from caap.models.vit import ViTClassifier
+from caap.scores import Score, check_score
 
 
 def _param_signature(model: nn.Module) -> tuple[int, int]:
@@ -74,7 +74,7 @@ class CAAP(AttributionMethod):
         start: int = 2,
         stop: int | None = None,
         mode: str = "hold",
-        score: str = "logit",
+        score: Score = "logit",
         window: int = 1,
         neutral: NeutralContext | str | Mapping[str, Any] | None = "black",
         chunk_size: int | None = None,
@@ -84,7 +84,7 @@ class CAAP(AttributionMethod):
         self.start = start
         self.stop = stop
         self.mode = check_choice("mode", mode, MODES)
-        self.score = check_choice("score", score, SCORES)
+        self.score: Score = check_score(score)  # type: ignore[assignment]
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window={window!r} must be an integer >= 1 (k x k patch windows)")
         self.window = window

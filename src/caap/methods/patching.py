@@ -21,15 +21,14 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from caap.models.memory import estimate_sequence_bytes
 from caap.models.prefix_only import prefix_only_last_block
 from caap.models.vit import ViTClassifier
+from caap.scores import Score, check_score, target_score
 
 MODES = ("hold", "inject")
-SCORES = ("logit", "prob", "logprob", "delta")
 
 # cache-sized chunks are fastest on the CPU; on a GPU half the free memory
 _DEFAULT_CPU_BUDGET_MB = 64.0
@@ -253,25 +252,6 @@ def patched_runs(
         yield q0, q1, logits, {e: split.get(e, logits) for e in branches}
 
 
-def target_scores(
-    logits: Tensor, target: Tensor, score: str, multilabel: bool, neutral_target_logit: Tensor | None
-) -> Tensor:
-    """Scores `[c, K]` of logits `[c, C]` for K target classes per row `[c, K]`; `delta` subtracts the
-    unpatched neutral target logit `[c, K]`."""
-    t = logits.gather(1, target)
-    if score == "logit":
-        return t
-    if score == "delta":
-        if neutral_target_logit is None:
-            raise ValueError("score='delta' needs the unpatched neutral logits")
-        return t - neutral_target_logit
-    if score == "prob":
-        return t.sigmoid() if multilabel else logits.softmax(-1).gather(1, target)
-    if score == "logprob":
-        return F.logsigmoid(t) if multilabel else logits.log_softmax(-1).gather(1, target)
-    raise ValueError(f"score={score!r} is not supported; allowed: {list(SCORES)}")
-
-
 def range_scores(
     model: ViTClassifier,
     states: Mapping[int, Tensor],
@@ -281,7 +261,7 @@ def range_scores(
     start: int,
     stops: Sequence[int],
     mode: str = "hold",
-    score: str = "logit",
+    score: Score = "logit",
     chunk_size: int = 256,
     neutral_logits: Tensor | None = None,
     head_tokens_only: bool = True,
@@ -293,7 +273,7 @@ def range_scores(
     the same runs, computed once. Arguments as in `patched_scores`, with `targets` `[B, K]`.
     """
     check_choice("mode", mode, MODES)
-    check_choice("score", score, SCORES)
+    check_score(score)
     targets = targets.to(prefix.device)
     batch, k = targets.shape
     n = masks.shape[0]
@@ -316,7 +296,7 @@ def range_scores(
         for e in stops:
             lg = branched.get(e, logits)
             if id(lg) not in scored:
-                scored[id(lg)] = target_scores(lg, targets[b], score, model.multilabel, nt)
+                scored[id(lg)] = target_score(lg, targets[b], score, model.multilabel, nt)
             out[e][q0:q1] = scored[id(lg)]
     return {e: v.view(batch, n, k).permute(0, 2, 1) for e, v in out.items()}
 
@@ -330,7 +310,7 @@ def patched_scores(
     start: int,
     stop: int,
     mode: str = "hold",
-    score: str = "logit",
+    score: Score = "logit",
     chunk_size: int = 256,
     neutral_logits: Tensor | None = None,
     head_tokens_only: bool = True,
@@ -346,8 +326,8 @@ def patched_scores(
             all True = every patch token).
         start, stop: resolved layer range (`resolve_layer_range`), positions `range(start, stop)`.
         mode: `hold` (write at every position of the range) or `inject` (at `start` only).
-        score: `logit`, `prob` (softmax, or sigmoid for a multi-label model), `logprob`, or `delta` (patched
-            logit minus the unpatched neutral logit).
+        score: a `caap.scores.Score`: `logit`, `prob` (softmax, or sigmoid for a multi-label model),
+            `logprob`, or `delta` (patched logit minus the unpatched neutral logit).
         chunk_size: patched sequences per pass.
         neutral_logits: `[1 or B, C]` unpatched neutral logits, computed when needed and not given.
         head_tokens_only: compute the last block for prefix tokens only when the head reads only those.
