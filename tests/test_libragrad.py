@@ -25,7 +25,8 @@ from caap.methods import (
 )
 from caap.methods.libragrad import PRESETS, resolve_libragrad
 from caap.metrics import CompletenessError
-from caap.models.build import build_model, set_fused_attn
+from caap.models.attention import set_fused_attn
+from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
 FG = "vit_fashiongrid_patch7_56"
@@ -368,7 +369,8 @@ def test_methods_are_batched_per_sample(name: str, libragrad_option) -> None:
 
 
 @pytest.mark.parametrize(
-    ("baseline", "rule"), [("zero", "gausslegendre"), ("black", "riemann_middle"), ("black", "riemann_left")]
+    ("baseline", "rule"),
+    [("zero_tokens", "gausslegendre"), ("black", "riemann_middle"), ("black", "riemann_left")],
 )
 def test_integrated_gradients_matches_captum(baseline: str, rule: str) -> None:
     """Same quadrature, same numbers. (Captum's riemann_trapezoid weights sum to (n-1)/n, ours to 1: not compared.)"""
@@ -377,7 +379,9 @@ def test_integrated_gradients_matches_captum(baseline: str, rule: str) -> None:
     ours_method = IntegratedGradients(steps=12, baseline=baseline, rule=rule, steps_per_batch=5)
     ours = ours_method(model, images, target)
     r0 = model.embed(images).detach()
-    base = torch.zeros_like(r0) if baseline == "zero" else model.embed(torch.zeros_like(images)).detach()
+    base = (
+        torch.zeros_like(r0) if baseline == "zero_tokens" else model.embed(torch.zeros_like(images)).detach()
+    )
     theirs, delta = CaptumIG(_FromEmbeddings(model)).attribute(
         r0,
         baselines=base,
@@ -403,8 +407,9 @@ def test_integrated_gradients_converges_to_the_score_difference() -> None:
 
 
 def test_gradcam_tokens_matches_a_plain_reference() -> None:
-    """pytorch-grad-cam (PyPI `grad-cam`) is not installed in this environment, so the cross-check is an
-    independent per-image implementation with forward hooks; the pytorch-grad-cam test below runs where it is."""
+    """Exact values against an independent per-image implementation with forward hooks: the token map is the
+    block input times the patch-mean gradient. pytorch-grad-cam (the dev extra `grad-cam`) is compared in the
+    next test only up to its ReLU, min-max scaling and resize, so this one pins the numbers."""
     model = _model(VARIANTS["registers"])
     images, target = _images(2), torch.tensor([1, 4])
     ours = GradCAMTokens(layer=2)(model, images, target)

@@ -2,10 +2,9 @@
 
 `num_samples` random subsets of patch tokens are kept (each patch token kept independently with probability
 `keep_prob`; prefix tokens, CLS and registers, always kept); the dropped tokens are removed from the sequence
-exactly as the token-deletion metric removes them (`caap.metrics.functional.token_perturbation`): a key mask
-hides them from every query in every block, and patch-pooling heads pool over the kept tokens only
-(`masked_head`). The attribution of patch i is the mean target score (probability or logit) of the samples
-that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
+by a key mask that hides them from every query in every block, and patch-pooling heads pool over the kept
+tokens only (`ViTClassifier.head(x, keep)`). The attribution of patch i is the mean target score (`prob` or
+`logit`, `caap.scores`) of the samples that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
 clusters and regresses; this is the plain, unguided, averaged form.
 
 Seeded: the subsets are a pure function of `seed` and the grid size, shared by every image (maps do not
@@ -18,16 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    check_choice,
-    check_positive_int,
-    check_probability,
-    target_score,
-)
 from caap.methods.base import AttributionMethod
-from caap.metrics.functional.token_perturbation import masked_head
+from caap.methods.option_checks import check_positive_int, check_probability
 from caap.models.vit import ViTClassifier
+from caap.scores import PROB_OR_LOGIT, check_score, target_score
 
 
 def check_token_removal(model: ViTClassifier) -> None:
@@ -61,7 +54,7 @@ class TokenSampling(AttributionMethod):
     ) -> None:
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.keep_prob = check_probability("keep_prob", keep_prob)
-        self.score = check_choice("score", score, SCORES)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.seed = int(seed)
 
@@ -83,9 +76,9 @@ class TokenSampling(AttributionMethod):
             kp_rows = kp.repeat(b, 1)  # [B*k, N], image-major
             visible = torch.cat([kp_rows.new_ones(b * k, npre), kp_rows], dim=1)
             x = model.forward_blocks(r0.repeat_interleave(k, 0), attn_mask=visible[:, None, None, :])
-            logits = masked_head(model, x, kp_rows).float()
+            logits = model.head(x, kp_rows).float()  # pools the kept patch tokens only
             scores[:, s : s + k] = target_score(
-                model, logits, target.repeat_interleave(k), self.score
+                logits, target.repeat_interleave(k), self.score, model.multilabel
             ).reshape(b, k)
         kf = keep.float()
         kept = scores @ kf / kf.sum(0).clamp_min(1.0)

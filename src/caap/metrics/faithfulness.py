@@ -28,29 +28,29 @@ from caap.metrics.curves import CurveMetric
 from caap.metrics.functional.faithfulness import (
     ORDERS,
     REMOVALS,
+    REPLACE_BASELINES,
     check_ratios,
     check_removal,
-    check_replace_baseline,
-    check_score,
     higher_is_better,
     removal_axis,
-    score_curves,
     token_removal_outcomes,
     unperturbed_outcomes,
 )
 from caap.models.vit import ViTClassifier
+from caap.references import build_token_reference
+from caap.scores import CURVE_SCORES, check_score, score_curves
 
 _LIVE: dict[int, weakref.ref] = {}
 """Live token-faithfulness metrics by id: which orders each perturbation setting needs."""
 
 
-def _plain(value: Any) -> Any:
+def hashable_config(value: Any) -> Any:
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _plain(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), hashable_config(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
+        return tuple(hashable_config(v) for v in value)
     return value
 
 
@@ -60,7 +60,7 @@ def _plain_dict(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _model(metric: CurveMetric, model: torch.nn.Module | None) -> ViTClassifier:
+def require_vit(metric: CurveMetric, model: torch.nn.Module | None) -> ViTClassifier:
     if not isinstance(model, ViTClassifier) and not hasattr(model, "embed"):
         raise ValueError(f"{metric.name} runs the model: pass the ViTClassifier to update(batch, model)")
     return model  # type: ignore[return-value]
@@ -93,14 +93,15 @@ class _TokenFaithfulness(CurveMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.score_kind = check_score(score)
+        self.score_kind = check_score(score, CURVE_SCORES)
         self.ratios = check_ratios(ratios)
         if removal not in REMOVALS:
             raise ValueError(f"{self.name}: removal='{removal}' is not supported; allowed: {list(REMOVALS)}")
         self.removal = removal
         if removal == "replace":
-            check_replace_baseline(baseline if isinstance(baseline, str) else _plain_dict(baseline))
-        self.baseline = _plain(baseline) if not isinstance(baseline, str) else baseline
+            plain = baseline if isinstance(baseline, str) else _plain_dict(baseline)
+            build_token_reference(plain, "baseline", REPLACE_BASELINES)
+        self.baseline = hashable_config(baseline) if not isinstance(baseline, str) else baseline
         if int(max_batch) < 1:
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
         self.max_batch = int(max_batch)
@@ -155,11 +156,11 @@ class _TokenFaithfulness(CurveMetric):
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, before any map is computed, a model this metric cannot score (e.g. `removal=drop` on a
         model whose head needs the full token grid, or an MLP-Mixer)."""
-        check_removal(_model(self, model), self.removal)
+        check_removal(require_vit(self, model), self.removal)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""
-        vit = _model(self, model)
+        vit = require_vit(self, model)
         check_removal(vit, self.removal)  # before any forward pass
         full = unperturbed(batch, vit)
         curves = {o: score_curves(full, out, self.score_kind) for o, out in self.outcomes(batch, vit).items()}
@@ -175,7 +176,8 @@ class MIF(_TokenFaithfulness):
         score: 'prob' (default), 'logit', 'top1', 'aopc' or 'log_odds' (see `functional.faithfulness`).
         ratios: removal ratios in (0, 1] (default 0.1, ..., 0.9); the curve starts at the unmasked end 0.
         removal: 'drop' (tokens leave the sequence, LibraGrad) or 'replace' (by `baseline`'s tokens).
-        baseline: for removal=replace: 'black', 'mean_color', 'blur' (or `{kind: blur, sigma: 5}`), 'zero'.
+        baseline: for removal=replace: 'black', 'mean_color', 'blur' (or `{kind: blur, sigma: 5}`),
+            'zero_tokens' (`caap.references`).
         max_batch: most sequences per forward pass.
 
     Lower is better for prob / logit / top1, higher for aopc / log_odds (`higher_is_better`).

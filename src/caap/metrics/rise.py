@@ -16,29 +16,25 @@ from torch import Tensor
 from caap.batch import AttributionBatch
 from caap.metrics._cache import BATCH_CACHE
 from caap.metrics.curves import CurveMetric
-from caap.metrics.faithfulness import _model, _plain, unperturbed
+from caap.metrics.faithfulness import hashable_config, require_vit, unperturbed
 from caap.metrics.functional.pixel_perturbation import (
-    PIXEL_BASELINES,
     RISE_BLUR,
     UPSAMPLING,
-    pixel_curves,
     pixel_perturbation_outcomes,
+    pixel_reference,
 )
+from caap.scores import POINT_SCORES, check_score, curve_values
 
 
 def default_max_batch(device: torch.device) -> int:
-    """Images per forward of the pixel paths when `max_batch` is null: 32 on a CPU, 256 on an accelerator.
-
-    Measured with `benchmarks/metric_speed.py` on the FashionGrid model (1 CPU thread): one pass over the same
-    1176 perturbed images took 2.7 s in batches of 21, 2.7 s of 64, 3.4 s of 256 and 3.8 s of 1176 (activations
-    of large batches fall out of the CPU caches), while accelerators need large batches to be busy.
-    """
+    """Images per forward of the pixel paths when `max_batch` is null: 32 on a CPU (activations of large
+    batches fall out of the CPU caches), 256 on an accelerator (which needs large batches to be busy)."""
     return 32 if device.type == "cpu" else 256
 
 
 class _PixelPerturbation(CurveMetric):
     mode: str = "deletion"
-    default_baseline: Any = "zero"
+    default_baseline: Any = "mean_color"
 
     def __init__(
         self,
@@ -51,10 +47,7 @@ class _PixelPerturbation(CurveMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        if score not in ("prob", "logit", "top1"):
-            raise ValueError(
-                f"{self.name}: score='{score}' is not supported; allowed: ['prob', 'logit', 'top1']"
-            )
+        check_score(score, POINT_SCORES, key=f"{self.name}: score")
         if steps is not None and int(steps) < 1:
             raise ValueError(
                 f"{self.name}: steps must be a positive integer or null (= image height), got {steps}"
@@ -63,12 +56,10 @@ class _PixelPerturbation(CurveMetric):
             raise ValueError(
                 f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
             )
-        baseline = self.default_baseline if baseline is None else _plain(baseline)
-        kind = baseline if isinstance(baseline, str) else dict(baseline).get("kind")
-        if kind not in PIXEL_BASELINES:
-            raise ValueError(
-                f"{self.name}: baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}"
-            )
+        baseline = self.default_baseline if baseline is None else hashable_config(baseline)
+        pixel_reference(
+            baseline if isinstance(baseline, str) else dict(baseline)
+        )  # a bad baseline fails here
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(
                 f"{self.name}: max_batch must be positive or null (= by device), got {max_batch}"
@@ -76,7 +67,7 @@ class _PixelPerturbation(CurveMetric):
         self.score_kind = score
         self.steps = None if steps is None else int(steps)
         self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
-        self._baseline_key = _plain(self.baseline)
+        self._baseline_key = hashable_config(self.baseline)
         self.upsample = upsample
         self.max_batch = None if max_batch is None else int(max_batch)
         self._k: int | None = self.steps
@@ -87,7 +78,7 @@ class _PixelPerturbation(CurveMetric):
         return torch.linspace(0.0, 1.0, self._k + 1, dtype=torch.float64)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
-        vit = _model(self, model)
+        vit = require_vit(self, model)
         self._k = batch.images.shape[-2] if self.steps is None else self.steps
         max_batch = self.max_batch or default_max_batch(batch.images.device)
         key = ("pixels", id(vit), self.mode, self._baseline_key, self._k, self.upsample, max_batch)
@@ -107,7 +98,7 @@ class _PixelPerturbation(CurveMetric):
                 full=unperturbed(batch, vit),
             ),
         )
-        return pixel_curves(outcomes, self.score_kind)
+        return curve_values(outcomes, self.score_kind)
 
 
 class PixelDeletion(_PixelPerturbation):
@@ -116,7 +107,8 @@ class PixelDeletion(_PixelPerturbation):
     Args:
         score: 'prob' (default), 'logit' or 'top1'.
         steps: K steps of H*W/K pixels; null = the image height (RISE: W pixels a step).
-        baseline: 'zero' (default: normalised zero), 'black', 'mean_color', 'blur' or `{kind: blur, sigma, kernel_size}`.
+        baseline: 'mean_color' (default: the model's mean colour, a zero input after normalisation), 'black',
+            'blur' or `{kind: blur, sigma, kernel_size}` (`caap.references`).
         upsample: 'bilinear' (default) or 'nearest' (whole patches in map order).
         max_batch: most images per forward pass; null = `default_max_batch` of the device.
 
@@ -124,7 +116,7 @@ class PixelDeletion(_PixelPerturbation):
     """
 
     mode = "deletion"
-    default_baseline = "zero"
+    default_baseline = "mean_color"
     higher_is_better = False
 
 

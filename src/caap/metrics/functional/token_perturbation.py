@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from caap.models.vit import ViTClassifier
+from caap.scores import PROB_OR_LOGIT, Score, check_score, target_score
 
 Mode = Literal["deletion", "insertion"]
-Score = Literal["prob", "logit"]
 
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
 """0.0, 0.1, ..., 1.0: both endpoints included, as the AUC "including the unmasked endpoint" needs."""
@@ -134,7 +134,7 @@ def token_perturbation_curves(
         fractions: K strictly increasing fractions in [0, 1]; default 0.0, 0.1, ..., 1.0.
         mode: 'deletion' (most-attributed removed first, MIF) or 'insertion' (only the most-attributed
             fraction kept, LIF).
-        score: 'prob' (`model.probabilities`: sigmoid for multi-label heads, softmax otherwise) or 'logit'.
+        score: 'prob' (sigmoid for multi-label heads, softmax otherwise) or 'logit' (`caap.scores`).
         max_batch: most sequences per forward pass; the P*K perturbed sequences run in chunks of this size.
 
     Returns:
@@ -145,8 +145,7 @@ def token_perturbation_curves(
     one batch with a key mask `[B, 1, 1, T]` hiding removed tokens from every query (see the module docstring
     for why this equals physical removal).
     """
-    if score not in ("prob", "logit"):
-        raise ValueError(f"score must be 'prob' or 'logit', got '{score}'")
+    check_score(score, PROB_OR_LOGIT)
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, got {max_batch}")
     _check_model(model)
@@ -174,8 +173,7 @@ def token_perturbation_curves(
         visible = visible | ~visible.any(1, keepdim=True)
         x = model.forward_blocks(r0[img], attn_mask=visible[:, None, None, :])
         logits = masked_head(model, x, kp).float()
-        values = model.probabilities(logits) if score == "prob" else logits
-        out[rows] = values.gather(1, classes[img][:, None]).squeeze(1)
+        out[rows] = target_score(logits, classes[img], score, model.multilabel)
     curves = out.reshape(p, k)
     return torch.where(finite[:, None], curves, torch.full_like(curves, float("nan")))
 
