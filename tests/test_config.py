@@ -125,7 +125,7 @@ def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> Non
     cfg = compose_cfg(*overrides)
     assert cfg.data.name == name and cfg.data.batch_size > 0
     datamodule = build_datamodule(
-        cfg.data, build_model("vit_fashiongrid_patch7_56", class_names=list("abcdefghij"))
+        cfg, build_model("vit_fashiongrid_patch7_56", class_names=list("abcdefghij"))
     )
     size = DATA_SIZES[name]
     assert len(datamodule.dataset) == size

@@ -331,7 +331,7 @@ def test_data_options_follow_the_model_preprocessing(compose_cfg, tmp_path, name
 
     cfg = compose_cfg(f"data={name}", *_fixture_for(name, tmp_path))
     model = build_model("test_vit", img_size=56, num_classes=1000, kwargs={"patch_size": 7}, crop_pct=0.5)
-    datamodule = build_datamodule(cfg.data, model)
+    datamodule = build_datamodule(cfg, model)
     sample = datamodule.dataset[datamodule.indices[0]]
     assert sample["image"].shape == (3, 56, 56) and float(sample["image"].min()) >= 0.0
     assert datamodule.dataset.transform.resize == 112  # floor(56 / crop_pct)

@@ -24,6 +24,7 @@ in which only the patch tokens `keep` `[B, N]` are present, which is exactly poo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.models.deit import VisionTransformerDistilled
@@ -82,6 +83,9 @@ class ViTClassifier(nn.Module):
         classifier: a module `[B, F] -> [B, C]` replacing the timm head (applied after `fc_norm`): the DINOv2
             linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
+
+    #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
+    data_config: dict[str, Any] | None = None
 
     def __init__(
         self,
