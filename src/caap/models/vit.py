@@ -342,9 +342,8 @@ class ViTClassifier(nn.Module):
     def token_mixing_modules(self) -> set[nn.Module]:
         """The layers of MLP-Mixer token-mixing MLPs (`mlp_tokens`, acting on `[B, D, tokens]`); empty for
         attention models."""
-        return {
-            m for block in self.model.blocks for m in getattr(block, "mlp_tokens", nn.Identity()).modules()
-        }
+        mixers = [getattr(block, "mlp_tokens", None) for block in self.model.blocks]
+        return {m for mlp in mixers if isinstance(mlp, nn.Module) for m in mlp.modules()}
 
 
 def _masked_mean(x: Tensor, w: Tensor) -> Tensor:
