@@ -2,7 +2,8 @@
 
 Per (image, class) the trapezoid area of the target's score along the path of `functional.pixel_perturbation`
 over x = 0, 1/K, ..., 1; the curves are kept for `curve()`. Both metrics share the unperturbed forward of a
-batch with every other faithfulness metric (`BATCH_CACHE`), and instances with equal settings share the path.
+batch with every other curve metric (`CurveMetric.unperturbed`), and instances with equal settings share the
+perturbed path (`CurveMetric.shared`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import torch
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.metrics._cache import BATCH_CACHE
-from caap.metrics.curves import CurveMetric
-from caap.metrics.faithfulness import _model, _plain, unperturbed
+from caap.metrics.curves import CurveMetric, setting_key
 from caap.metrics.functional.pixel_perturbation import (
     PIXEL_BASELINES,
     RISE_BLUR,
@@ -29,9 +28,7 @@ from caap.metrics.functional.pixel_perturbation import (
 def default_max_batch(device: torch.device) -> int:
     """Images per forward of the pixel paths when `max_batch` is null: 32 on a CPU, 256 on an accelerator.
 
-    Measured with `benchmarks/metric_speed.py` on the FashionGrid model (1 CPU thread): one pass over the same
-    1176 perturbed images took 2.7 s in batches of 21, 2.7 s of 64, 3.4 s of 256 and 3.8 s of 1176 (activations
-    of large batches fall out of the CPU caches), while accelerators need large batches to be busy.
+    Large batches fall out of the CPU caches (slower per image), while accelerators need them to be busy.
     """
     return 32 if device.type == "cpu" else 256
 
@@ -63,7 +60,7 @@ class _PixelPerturbation(CurveMetric):
             raise ValueError(
                 f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
             )
-        baseline = self.default_baseline if baseline is None else _plain(baseline)
+        baseline = self.default_baseline if baseline is None else setting_key(baseline)
         kind = baseline if isinstance(baseline, str) else dict(baseline).get("kind")
         if kind not in PIXEL_BASELINES:
             raise ValueError(
@@ -76,7 +73,7 @@ class _PixelPerturbation(CurveMetric):
         self.score_kind = score
         self.steps = None if steps is None else int(steps)
         self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
-        self._baseline_key = _plain(self.baseline)
+        self._baseline_key = setting_key(self.baseline)
         self.upsample = upsample
         self.max_batch = None if max_batch is None else int(max_batch)
         self._k: int | None = self.steps
@@ -87,11 +84,11 @@ class _PixelPerturbation(CurveMetric):
         return torch.linspace(0.0, 1.0, self._k + 1, dtype=torch.float64)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
-        vit = _model(self, model)
+        vit = self.classifier(model)
         self._k = batch.images.shape[-2] if self.steps is None else self.steps
         max_batch = self.max_batch or default_max_batch(batch.images.device)
         key = ("pixels", id(vit), self.mode, self._baseline_key, self._k, self.upsample, max_batch)
-        outcomes = BATCH_CACHE.get(
+        outcomes = self.shared(
             batch,
             key,
             lambda: pixel_perturbation_outcomes(
@@ -104,7 +101,7 @@ class _PixelPerturbation(CurveMetric):
                 self._k,
                 self.upsample,
                 max_batch,
-                full=unperturbed(batch, vit),
+                full=self.unperturbed(batch, vit),
             ),
         )
         return pixel_curves(outcomes, self.score_kind)
