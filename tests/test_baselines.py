@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -299,6 +300,24 @@ def test_known_answer_one_patch(method: str, score: str | None) -> None:
     maps = explainer(model, images, target).reshape(2, -1)
     assert (maps.argmax(1) == K).all(), maps
     assert (maps[:, K] > maps.topk(2, dim=1).values[:, 1] + 1e-6).all()  # strictly first
+
+
+# -- the Gaussian prior's closed form ---------------------------------------------------------------------
+def test_gaussian_prior_is_the_centred_gaussian_of_its_sigma() -> None:
+    """Patch (i, j) of a gh x gw grid gets exp(-d^2 / (2 sigma^2)), d its distance in patches to the grid centre
+    ((gh - 1) / 2, (gw - 1) / 2); on a 4 x 6 grid (28 x 42 px) the centre lies between four patches."""
+    model = _model(dynamic_img_size=True)
+    images = torch.rand(3, 3, 28, 42)
+    sigma = 1.5
+    maps = GaussianPrior(sigma=sigma)(model, images, torch.tensor([0, 1, 2]))
+    expected = torch.tensor(
+        [[math.exp(-((i - 1.5) ** 2 + (j - 2.5) ** 2) / (2 * sigma**2)) for j in range(6)] for i in range(4)]
+    )
+    assert maps.shape == (3, 4, 6)
+    for m in maps:
+        torch.testing.assert_close(m, expected, rtol=1e-6, atol=1e-7)
+    assert math.isclose(float(maps[0, 1, 2]), math.exp(-1 / 9), rel_tol=1e-6)  # d^2 = 0.5: a central patch
+    assert math.isclose(float(maps[0, 0, 0]), math.exp(-8.5 / 4.5), rel_tol=1e-6)  # a corner
 
 
 # -- configuration errors ----------------------------------------------------------------------------

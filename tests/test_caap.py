@@ -466,6 +466,33 @@ def test_neutral_kinds(tmp_path) -> None:
         close(out, torch.full_like(out, 4.0 / 3))
 
 
+@pytest.mark.parametrize(("sigma", "kernel_size"), [(1.5, None), (2.0, 7)])
+def test_blur_neutral_is_the_gaussian_of_its_sigma(sigma: float, kernel_size: int | None) -> None:
+    """The blur neutral against closed forms: a delta image blurs to the normalised Gaussian kernel
+    `exp(-x^2 / (2 sigma^2))` of the configured sigma (radius ceil(3 sigma) by default, else kernel_size // 2),
+    and any image to scipy's `gaussian_filter` with replicated borders (scipy's `nearest` mode)."""
+    from scipy.ndimage import gaussian_filter
+
+    model = get_model("fg_cls")
+    options = {"kind": "blur", "sigma": sigma} | ({} if kernel_size is None else {"kernel_size": kernel_size})
+    neutral = CAAP(neutral=options).neutral
+    half = math.ceil(3 * sigma) if kernel_size is None else kernel_size // 2
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = torch.outer(g, g) / g.sum() ** 2
+    delta = torch.zeros(1, 3, 56, 56)
+    delta[0, :, 20, 30] = 1.0
+    blurred = neutral.images(delta, model)
+    assert blurred.shape == (1, 1, 3, 56, 56)
+    expected = torch.zeros(56, 56, dtype=torch.float64)
+    expected[20 - half : 21 + half, 30 - half : 31 + half] = kernel
+    for c in range(3):
+        close(blurred[0, 0, c].double(), expected, tol=1e-7)
+    images = get_images("fg_cls")
+    reference = gaussian_filter(images.double().numpy(), sigma, mode="nearest", radius=half, axes=(2, 3))
+    close(neutral.images(images, model)[0].double(), torch.from_numpy(reference), tol=1e-6)
+
+
 # -- GPU -----------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

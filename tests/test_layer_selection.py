@@ -5,14 +5,18 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 
+from caap.batch import AttributionBatch
 from caap.layer_selection import SELECTION_FILE, calibration_indices, range_maps
 from caap.maps_io import load_maps
 from caap.methods.caap import CAAP
+from caap.metrics import AttributionMetric
 from caap.models import build_model
 from caap.models.layers import all_layer_ranges
 from caap.run import evaluate
@@ -131,6 +135,43 @@ def test_layers_auto_sets_calibration_images_apart_from_an_unlimited_evaluation(
     }
     assert (int(summary["layers/start"]), int(summary["layers/stop"])) == (chosen["start"], chosen["stop"])
     assert any(k.startswith("layers/landscape") for k in history), sorted(history)
+
+
+class IndexRecorder(AttributionMetric):
+    """A `select_by` metric for tests: records the dataset index of every map it scores (over all instances);
+    the value is the map's standard deviation, lower is better."""
+
+    seen: ClassVar[set[int]] = set()
+    higher_is_better = False
+
+    def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        IndexRecorder.seen.update(batch.index.tolist())
+        return batch.maps.flatten(1).std(1)
+
+
+def test_layers_auto_calibrates_on_other_images_than_it_scores(compose_cfg) -> None:
+    """The images the selection actually scores (recorded by its metric) are the recorded calibration images,
+    and none of them is among the images the run scores (per_image.csv, maps)."""
+    cfg = compose_cfg(
+        *(o for o in AUTO if not o.lstrip("+").startswith("layers.select_by")),
+        "data.limit=null",
+        "data.dataset.size=8",
+        "layers.calibration_images=2",
+        "layers.select_by._target_=test_layer_selection.IndexRecorder",
+        "~layers.select_by.score",
+    )
+    IndexRecorder.seen.clear()
+    evaluate(cfg)
+    out = Path(cfg.output_dir)
+    chosen = json.loads((out / SELECTION_FILE).read_text())
+    with open(out / "per_image.csv") as fh:
+        scored = {int(r["index"]) for r in csv.DictReader(fh)}
+    assert scored == {i for i, _ in load_maps(out / "maps")} == set(range(6))
+    assert IndexRecorder.seen == set(chosen["calibration_indices"]) == {6, 7}
+    # lower is better: the minimum of a landscape that is not flat
+    values = [r["value"] for r in chosen["landscape"]]
+    assert chosen["higher_is_better"] is False and len(set(values)) > 1
+    assert chosen["value"] == min(values)
 
 
 def test_layers_auto_needs_caap(compose_cfg) -> None:

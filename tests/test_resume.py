@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -10,13 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from torch import Tensor
 
-from caap.maps_io import load_maps
+from caap.maps_io import load_maps, write_maps
+from caap.methods import AttributionMethod
+from caap.models import ViTClassifier
 from caap.paths import REPO_ROOT
 from caap.resume import config_differences, session_prefix
 from caap.run import evaluate
@@ -72,6 +77,94 @@ def test_killed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path) -
     assert new_files == ["resume1_r0_b000002.safetensors"]  # only the missing batch was computed
     assert session_prefix(killed) == "resume2_"
     assert results == json.loads((whole / "metrics.json").read_text())["metrics"]
+
+
+class FreshMapsEveryCall(AttributionMethod):
+    """A test double whose maps no two calls share: call k (numbered over every instance and run of the
+    session) gives row r the patch ramp `0..n-1` rolled by `3k + r`, plus `100k`. A map read back from a stored
+    file keeps the value of the call that wrote it; a recomputed one gets a new value. `calls` records
+    `(k, rows)` of every call."""
+
+    calls: ClassVar[list[tuple[int, int]]] = []
+
+    def __init__(self, **_: object) -> None:  # the `random` config's `seed` is not used
+        pass
+
+    @staticmethod
+    def expected(call: int, row: int, gh: int, gw: int) -> Tensor:
+        """The map `[gh, gw]` that call number `call` gives its row `row`."""
+        ramp = torch.arange(gh * gw, dtype=torch.float32).roll(3 * call + row)
+        return (ramp + 100 * call).view(gh, gw)
+
+    def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
+        call = len(self.calls) + 1
+        self.calls.append((call, int(images.shape[0])))
+        gh, gw = model.grid_size(images)
+        return torch.stack([self.expected(call, r, gh, gw) for r in range(images.shape[0])])
+
+
+def per_image_rows(folder: Path) -> dict[tuple[int, int], dict[str, str]]:
+    with open(folder / "per_image.csv") as fh:
+        return {(int(r["index"]), int(r["class"])): r for r in csv.DictReader(fh)}
+
+
+def test_resume_reads_stored_maps_back_and_computes_only_the_missing_pairs(compose_cfg, tmp_path) -> None:
+    """A stored map is read, not recomputed: with maps that change on every call, the resumed run keeps the
+    stored values, calls the method only for the missing pairs (a whole missing batch, and the missing rows
+    of a partly stored one), places each new map on its own (index, class), and scores the stored ones."""
+    args = [*COMMON, "method=random", "method._target_=test_resume.FreshMapsEveryCall"]
+    before = len(FreshMapsEveryCall.calls)
+    whole = tmp_path / "whole"
+    evaluate(compose_cfg(*args, f"output_dir={whole}"))
+    # synthetic images 0..5 hold 4, 3, 4, 3, 2, 3 classes: batches of 2 images give 7, 7 and 5 maps
+    assert [rows for _, rows in FreshMapsEveryCall.calls[before:]] == [7, 7, 5]
+    reference = load_maps(whole / "maps")
+    batches = [sorted(k for k in reference if k[0] in pair) for pair in ((0, 1), (2, 3), (4, 5))]
+    # killed during batch 2 (a partly written batch, as a run killed between two DDP ranks' files leaves):
+    # batch 0 stored whole, batch 1 missing, 2 of the 5 maps of batch 2 stored
+    killed = tmp_path / "killed"
+    (killed / "maps").mkdir(parents=True)
+    shutil.copy(whole / "config.yaml", killed / "config.yaml")
+    shutil.copy(whole / "maps" / "r0_b000000.safetensors", killed / "maps" / "r0_b000000.safetensors")
+    partial = [batches[2][0], batches[2][3]]
+    write_maps(
+        killed / "maps" / "r0_b000002.safetensors",
+        torch.tensor([k[0] for k in partial]),
+        torch.tensor([k[1] for k in partial]),
+        torch.stack([reference[k] for k in partial]),
+    )
+    stored = set(batches[0]) | set(partial)
+
+    before = len(FreshMapsEveryCall.calls)
+    evaluate(compose_cfg(*args, f"output_dir={killed}", f"resume={killed}"))
+    resumed_calls = FreshMapsEveryCall.calls[before:]
+    assert [rows for _, rows in resumed_calls] == [7, 3]  # batch 1, then the 3 missing maps of batch 2
+    maps = load_maps(killed / "maps")
+    assert set(maps) == set(reference)
+    for key in stored:
+        torch.testing.assert_close(maps[key], reference[key], rtol=0, atol=0)
+    # the new maps, in batch order (rows of the image-major (index, class) order within a batch)
+    missing = [*batches[1], *(k for k in batches[2] if k not in stored)]
+    calls = [resumed_calls[0][0]] * 7 + [resumed_calls[1][0]] * 3
+    rows = [*range(7), *range(3)]
+    for key, call, row in zip(missing, calls, rows, strict=True):
+        torch.testing.assert_close(maps[key], FreshMapsEveryCall.expected(call, row, 4, 4), rtol=0, atol=0)
+    # only the new maps are written, each once, in files of this continuation
+    new = {f.name: sorted(keys_per_file_of(f)) for f in (killed / "maps").glob("resume1_*")}
+    assert new == {
+        "resume1_r0_b000001.safetensors": batches[1],
+        "resume1_r0_b000002.safetensors": sorted(missing[7:]),
+    }
+    # the stored maps are scored: their per-image values equal the uninterrupted run's
+    got, want = per_image_rows(killed), per_image_rows(whole)
+    assert set(got) == set(want)
+    for key in stored:
+        assert got[key] == want[key], key
+    assert json.loads((killed / "metrics.json").read_text())["resumed_maps"] == len(stored)
+
+
+def keys_per_file_of(path: Path) -> list[tuple[int, int]]:
+    return [tuple(map(int, k.split("_"))) for k in load_file(str(path))]
 
 
 def test_finished_run_is_skipped(compose_cfg, tmp_path, capsys) -> None:

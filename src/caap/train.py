@@ -1,9 +1,11 @@
-"""`python -m caap.train`: the Lightning recipe that trains the FashionGrid ViT multi-label and exports it.
+"""`python -m caap.train`: the Lightning recipe that trains an embedded benchmark's ViT multi-label and exports it.
 
-Trains `vit_fashiongrid_patch7_56` on FashionGrid train grids with binary cross-entropy, validates on the val
-split, measures mAP (macro average precision over the 10 classes) on the test split, and writes the weights as
-safetensors with a model card JSON (config, epochs, seed, test mAP, per-class AP). With `export=true` the two
-files replace the ones shipped in `caap/assets/`. Config: conf/train.yaml.
+Trains `cfg.model` (a timm model name and keyword arguments) on `cfg.dataset` train images with binary
+cross-entropy, validates on the val split, measures mAP (macro average precision over the classes) on the test
+split, and writes the weights as safetensors (float16 with `half=true`, then tested again as reloaded) with a
+model card JSON (config, command, epochs, seed, training time, test mAP, per-class AP). With `export=true` the
+two files go to `caap/assets/` under `model.export_name`. Configs: conf/train.yaml (FashionGrid, the default)
+and conf/train_fashionscenes.yaml (`python -m caap.train --config-name train_fashionscenes`).
 """
 
 from __future__ import annotations
@@ -11,20 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
+import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MultilabelAveragePrecision
 
-from caap.data import FashionGrid
 from caap.models import build_model
-from caap.models.fashiongrid import FASHIONGRID_CARD, FASHIONGRID_MODEL, FASHIONGRID_WEIGHTS
+from caap.models.fashiongrid import ASSETS
 from caap.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -76,20 +81,24 @@ class MultiLabelTrainer(L.LightningModule):
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train, test and export the FashionGrid model; returns the model card as a dict."""
+    """Train, test and export `cfg.model` on `cfg.dataset`; returns the model card as a dict."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads) if cfg.threads else None
-    model = build_model(name=FASHIONGRID_MODEL, pretrained=False, multilabel=True)
-    grids = dict(root=cfg.data_root, seed=cfg.seed)
+    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) if cfg.model.get("kwargs") else None
+    model = build_model(name=cfg.model.name, pretrained=False, multilabel=True, kwargs=kwargs)
+    datasets = {
+        split: instantiate(cfg.dataset, split=split, size=cfg[f"{split}_size"], seed=cfg.seed)
+        for split in ("train", "val", "test")
+    }
     loaders = {
         split: DataLoader(
-            FashionGrid(split=split, size=cfg[f"{split}_size"], **grids),
+            data,
             batch_size=cfg.batch_size,
             shuffle=split == "train",
             num_workers=cfg.num_workers,
             persistent_workers=cfg.num_workers > 0,
         )
-        for split in ("train", "val", "test")
+        for split, data in datasets.items()
     }
     total_steps = cfg.epochs * len(loaders["train"])
     module = MultiLabelTrainer(
@@ -108,32 +117,63 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=1.0,
     )
     model.train()  # build_model returns eval mode; Lightning keeps each module's mode as it finds it
+    started = time.perf_counter()
     trainer.fit(module, loaders["train"], loaders["val"])
+    train_seconds = time.perf_counter() - started
     model.eval()
-    trainer.test(module, loaders["test"])
-    per_class = module.test_ap.compute().tolist()
-    classes = list(FashionGrid.classes)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
+    card_extra = {}
+    if cfg.half:  # store float16; what ships is what is tested
+        card_extra["test_mAP_float32"] = measure_map(trainer, module, loaders["test"])[0]
+        weights = {k: v.half() for k, v in weights.items()}
+        model.model.load_state_dict({k: v.float() for k, v in weights.items()})
+    test_mean, per_class = measure_map(trainer, module, loaders["test"])
+    classes = list(getattr(datasets["test"], "classes", range(len(per_class))))
+    name = cfg.model.export_name
     card = {
-        "model": FASHIONGRID_MODEL,
-        "task": "multi-label classification of FashionGrid 2x2 grids (sigmoid outputs)",
+        "model": name,
+        "task": cfg.task,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
-        "train_grids_per_epoch": cfg.train_size,
-        "test_grids": cfg.test_size,
-        "test_mAP": sum(per_class) / len(per_class),
-        "test_AP_per_class": dict(zip(classes, per_class, strict=True)),
+        "train_images_per_epoch": cfg.train_size,
+        "test_images": cfg.test_size,
+        "test_mAP": test_mean,
+        **card_extra,
+        "test_AP_per_class": dict(zip(map(str, classes), per_class, strict=True)),
+        "weights_dtype": "float16" if cfg.half else "float32",
+        "train_seconds": round(train_seconds, 1),
+        "train_images_per_second": round(cfg.epochs * cfg.train_size / train_seconds, 2),
+        "device": device_description(trainer),
+        "command": " ".join(["python -m caap.train", *sys.argv[1:]]),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "architecture": model.model.pretrained_cfg.get("architecture", FASHIONGRID_MODEL),
+        "architecture": {"timm_model": cfg.model.name, **(kwargs or {})},
     }
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
-    save_file(weights, out / FASHIONGRID_WEIGHTS.name, metadata={"format": "pt"})
-    (out / FASHIONGRID_CARD.name).write_text(json.dumps(card, indent=2))
+    save_file(weights, out / f"{name}.safetensors", metadata={"format": "pt"})
+    (out / f"{name}.json").write_text(json.dumps(card, indent=2))
     if cfg.export:
-        save_file(weights, FASHIONGRID_WEIGHTS, metadata={"format": "pt"})
-        FASHIONGRID_CARD.write_text(json.dumps(card, indent=2))
-        log.info("exported weights to %s", FASHIONGRID_WEIGHTS)
+        save_file(weights, ASSETS / f"{name}.safetensors", metadata={"format": "pt"})
+        (ASSETS / f"{name}.json").write_text(json.dumps(card, indent=2))
+        log.info("exported weights to %s", ASSETS / f"{name}.safetensors")
     log.info("test mAP %.4f per class %s", card["test_mAP"], card["test_AP_per_class"])
     return card
+
+
+def measure_map(
+    trainer: L.Trainer, module: MultiLabelTrainer, loader: DataLoader
+) -> tuple[float, list[float]]:
+    """Macro mAP and per-class AP `[C]` of `module`'s model on `loader` (a fresh metric state per call)."""
+    module.test_ap.reset()
+    trainer.test(module, loader, verbose=False)
+    per_class = module.test_ap.compute().tolist()
+    return sum(per_class) / len(per_class), per_class
+
+
+def device_description(trainer: L.Trainer) -> str:
+    """What trained the model: the accelerator's name, or the CPU with its torch thread count."""
+    root = trainer.strategy.root_device
+    if root.type == "cuda":
+        return torch.cuda.get_device_name(root)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -3,6 +3,7 @@
 from caap.data.collate import collate_skip_none
 from caap.data.datamodule import AttributionDataModule, select_indices
 from caap.data.fashiongrid import FashionGrid
+from caap.data.fashionscenes import FashionScenes
 from caap.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
 from caap.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset, list_images
 from caap.data.imagenet import ImageNetVal, imagenet_class_names, imagenet_wnids
@@ -19,6 +20,7 @@ __all__ = [
     "ContiguousDistributedSampler",
     "EvalTransform",
     "FashionGrid",
+    "FashionScenes",
     "ImageFolderDataset",
     "ImageNetS",
     "ImageNetSegmentation",

@@ -1,6 +1,6 @@
 """FashionGrid: 2x2 grids of Fashion-MNIST items of distinct classes, with exact localisation ground truth.
 
-The embedded default benchmark of this project (DESIGN.md, "The embedded default"). Each image is a
+The embedded default benchmark of this project, small enough to run anywhere in minutes. Each image is a
 `grid x grid` canvas of 28x28 cells; a random number of cells hold one Fashion-MNIST item each, of distinct
 classes; the label is multi-hot. Because every item sits in a known cell, each present class has an exact cell
 mask and item pixel mask, which the grid pointing game (Rao et al., CVPR 2022), segmentation metrics and the
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from caap.data.idx import FASHION_MNIST_CLASSES, load_fashion_mnist
+from caap.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_split
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 CELL = 28
@@ -60,15 +60,10 @@ class FashionGrid(Dataset):
             )
         if size < 1:
             raise ValueError(f"FashionGrid size must be positive; got {size}")
-        images, labels = load_fashion_mnist("test" if split == "test" else "train", root)
-        if split != "test":
-            if not 0 < val_items < len(images):
-                raise ValueError(f"FashionGrid val_items must lie in (0, {len(images)}); got {val_items}")
-            cut = len(images) - val_items
-            if split == "train":
-                images, labels = images[:cut], labels[:cut]
-            else:
-                images, labels = images[cut:], labels[cut:]
+        try:
+            images, labels, self.source_ids = fashion_mnist_split(split, root, val_items)
+        except ValueError as err:
+            raise ValueError(f"FashionGrid {err}") from err
         self.items = images
         self.by_class = [np.flatnonzero(labels == c) for c in range(len(self.classes))]
         self.split, self.size, self.seed, self.grid = split, size, seed, grid

@@ -70,3 +70,29 @@ def load_fashion_mnist(split: str, root: str | Path | None = None) -> tuple[np.n
             f"Fashion-MNIST {split} under {base}: images {images.shape} and labels {labels.shape} disagree"
         )
     return images, labels
+
+
+SPLITS = ("train", "val", "test")
+
+
+def fashion_mnist_split(
+    split: str, root: str | Path | None = None, val_items: int = 5_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The item pool of a benchmark split: images `[N, 28, 28]` uint8, labels `[N]` and source ids `[N]`.
+
+    `train` and `val` are disjoint parts of Fashion-MNIST train (the last `val_items` items form the val pool),
+    `test` is Fashion-MNIST test; a source id is the item's row in its Fashion-MNIST file, so train and val ids
+    never meet and test ids index another file.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' is unknown; allowed: {sorted(SPLITS)}")
+    images, labels = load_fashion_mnist("test" if split == "test" else "train", root)
+    ids = np.arange(len(images))
+    if split != "test":
+        if not 0 < val_items < len(images):
+            raise ValueError(f"val_items must lie in (0, {len(images)}); got {val_items}")
+        keep = (
+            slice(None, len(images) - val_items) if split == "train" else slice(len(images) - val_items, None)
+        )
+        images, labels, ids = images[keep], labels[keep], ids[keep]
+    return images, labels, ids
