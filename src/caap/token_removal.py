@@ -89,6 +89,8 @@ def removal_logits(
     r, npre = keep.shape[0], model.num_prefix_tokens
     rows = torch.arange(r, device=r0.device) if rows is None else rows.to(r0.device)
     keep = keep.to(r0.device, torch.bool)
+    if r == 0:
+        return r0.new_empty(0, model.num_classes)
     if removal == "drop":
         return _drop_logits(model, r0, keep, rows, max_batch)
     if removal == "replace" and baseline is None:
@@ -130,6 +132,5 @@ def _drop_logits(model: ViTClassifier, r0: Tensor, keep: Tensor, rows: Tensor, m
         if out is None:
             out = logits.new_empty(keep.shape[0], logits.shape[1])
         out[sel] = logits
-    if out is None:  # no rows
-        return r0.new_empty(0, model.num_classes)
+    assert out is not None  # at least one row
     return out
