@@ -69,8 +69,8 @@ from caap.metrics import LIF, MIF, SRG, PixelDeletion, PixelInsertion
 from caap.metrics.functional.faithfulness import removal_counts
 from caap.metrics.functional.pixel_perturbation import baseline_images, step_counts
 from caap.models.vit import ViTClassifier
+from caap.scores import CURVE_SCORES as SCORES
 
-SCORES = ("prob", "logit", "top1", "aopc", "log_odds")
 TOKEN_METRICS = {"MIF": MIF, "LIF": LIF, "SRG": SRG}
 PIXEL_METRICS = {"pixel_deletion": PixelDeletion, "pixel_insertion": PixelInsertion}
 
@@ -160,7 +160,9 @@ def pixel_loop(model: ViTClassifier, batch: AttributionBatch, mode: str, per_ste
     images, maps, classes = batch.images, batch.maps, batch.classes
     p, _, h, w = images.shape
     counts = step_counts(h * w, h)
-    base = baseline_images(model, images, "zero" if mode == "deletion" else PixelInsertion.default_baseline)
+    base = baseline_images(
+        model, images, "mean_color" if mode == "deletion" else PixelInsertion.default_baseline
+    )
     up = F.interpolate(maps[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
     order = up.reshape(p, -1).sort(dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)

@@ -13,6 +13,7 @@ from caap.methods.gradient import Gradient
 from caap.methods.libragrad import libragrad
 from caap.models import ViTClassifier, build_model
 from caap.token_removal import removal_logits
+from test_caap import reference_maps
 
 # (config, expected family, pooling, input side, crop_pct); the heavy ones are slow (ViT-B builds stay fast)
 CONFIGS = [
@@ -56,13 +57,24 @@ def test_model_config_builds_at_real_size_and_runs(
     assert model.data_config["crop_pct"] == crop_pct and model.data_config["input_size"] == (3, side, side)
     assert model.num_classes == 1000 and len(model.class_names) == 1000
     images = torch.rand(1, 3, side, side)
+    classifier = model.model.get_classifier()
+    if isinstance(classifier, torch.nn.Linear) and not classifier.weight.any():
+        with torch.no_grad():  # timm zero-initialises some heads (MLP-Mixer): every logit would be 0
+            classifier.weight.normal_(0.0, classifier.in_features**-0.5)
     with torch.no_grad():
         logits = model(images)
         if model.classifier is None:  # our residual-stream surface equals timm's own forward
             torch.testing.assert_close(logits, model.model(model.normalize(images)), rtol=0, atol=1e-5)
     _engine_check(model, images, logits)
-    maps = Gradient(libragrad="full")(model, images, torch.tensor([3]))
-    assert maps.shape == (1, *model.grid_size(images)) and torch.isfinite(maps).all()
+    # LibraGrad's gradient at real size: the L2 norm over channels of d logit / d r_0 at each patch token,
+    # differentiated by hand under the same rules
+    maps = Gradient(libragrad="full", score="logit")(model, images, torch.tensor([3]))
+    r0 = model.embed(images).detach().requires_grad_(True)
+    with torch.enable_grad(), libragrad(model, "full"):
+        (grad,) = torch.autograd.grad(model.head(model.forward_blocks(r0))[0, 3], r0)
+    want = grad[0, model.num_prefix_tokens :].norm(dim=-1).reshape(model.grid_size(images))
+    torch.testing.assert_close(maps[0], want, rtol=1e-4, atol=1e-8)
+    assert want.std() > 0  # a head that reads the tokens
 
 
 def test_dinov2_head_reads_cls_and_mean_patch_token(tmp_path) -> None:
@@ -121,15 +133,91 @@ def test_pooling_of_kept_tokens_equals_pooling_the_shortened_sequence(build) -> 
             torch.testing.assert_close(got[b : b + 1], model.head(short), rtol=1e-5, atol=1e-5)
 
 
-def test_eva_attention_methods_and_libragrad_rule() -> None:
-    """EVA: raw attention / rollout / GenAtt read EvaAttention; LibraGrad detaches q and k (before rope)."""
+def _rollout(attentions: list[torch.Tensor]) -> torch.Tensor:
+    """Abnar & Zuidema's rollout `[B, T, T]` of per-block `[B, T, T]` matrices: prod of row-normalised (A + I) / 2."""
+    t = attentions[0].shape[-1]
+    eye = torch.eye(t, dtype=attentions[0].dtype)
+    joint = eye.expand_as(attentions[0])
+    for a in attentions:
+        a = 0.5 * (a + eye)
+        joint = (a / a.sum(-1, keepdim=True)) @ joint
+    return joint
+
+
+def _eva_reference_attention(
+    model: ViTClassifier, images: torch.Tensor, target: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block, EVA's post-softmax attention `[B, heads, T, T]` recomputed from the attention module's input,
+    weights and rotary embedding (timm's `apply_rot_embed_cat`), and the gradient of the target logit with
+    respect to it: dS/dA = dS/dO v^T for the heads' output O = A v, read at the input of `attn.norm`."""
+    from timm.layers import apply_rot_embed_cat
+
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+
+    def take_input(module, args, kwargs) -> None:
+        inputs.append((args[0].detach(), kwargs["rope"]))
+
+    def take_output(module, args) -> None:
+        args[0].retain_grad()
+        outputs.append(args[0])
+
+    handles = []
+    for block in model.blocks:
+        handles.append(block.attn.register_forward_pre_hook(take_input, with_kwargs=True))
+        handles.append(block.attn.norm.register_forward_pre_hook(take_output))
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            logits.gather(1, target[:, None]).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    attentions, grads = [], []
+    with torch.no_grad():
+        for block, (x, rope), out in zip(model.blocks, inputs, outputs, strict=True):
+            attn = block.attn
+            b, t, _ = x.shape
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv = torch.nn.functional.linear(x, attn.qkv.weight, bias)
+            q, k, v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            n = attn.num_prefix_tokens
+            q = torch.cat([q[:, :, :n], apply_rot_embed_cat(q[:, :, n:], rope)], dim=2)
+            k = torch.cat([k[:, :, :n], apply_rot_embed_cat(k[:, :, n:], rope)], dim=2)
+            attentions.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1).double())
+            grad_out = out.grad.reshape(b, t, attn.num_heads, -1).transpose(1, 2)
+            grads.append((grad_out @ v.transpose(-2, -1)).double())
+    return attentions, grads
+
+
+def test_eva_attention_methods_match_a_reference() -> None:
+    """EVA (rotary embeddings, avg pooling): raw attention, rollout and GenAtt equal references built on the
+    attention recomputed from each block's weights and rope; LibraGrad detaches q and k (before rope)."""
     torch.manual_seed(0)
     model = build_model("eva02_tiny_patch14_224", img_size=56, num_classes=5)
     images, target = torch.rand(2, 3, 56, 56), torch.tensor([0, 4])
-    for method in (RawAttention(), AttentionRollout(), GenAtt(libragrad="full")):
+    attentions, grads = _eva_reference_attention(model, images, target)
+    assert model.pooling == "avg" and not model.pool_include_prefix
+    p = model.num_prefix_tokens
+
+    def readout(matrix: torch.Tensor) -> torch.Tensor:  # avg pooling: the mean of the patch tokens' rows
+        return matrix[:, p:, p:].mean(1).reshape(2, 4, 4)
+
+    heads_mean = [a.mean(1) for a in attentions]
+    genatt = [(a * g).clamp(min=0).mean(1) for a, g in zip(attentions, grads, strict=True)]
+    eye = torch.eye(heads_mean[0].shape[-1], dtype=torch.float64)
+    relevance = eye.expand_as(heads_mean[0])
+    for a in genatt:
+        relevance = (0.5 * (eye + a)) @ relevance
+    expected = {
+        RawAttention(): readout(heads_mean[-1]),
+        AttentionRollout(): readout(_rollout(heads_mean)),
+        GenAtt(): readout(relevance),
+    }
+    for method, want in expected.items():
         method.setup(model)
-        maps = method(model, images, target)
-        assert maps.shape == (2, 4, 4) and torch.isfinite(maps).all()
+        torch.testing.assert_close(method(model, images, target).double(), want, rtol=1e-4, atol=1e-7)
     seen: list[bool] = []
     q_norm = model.model.blocks[0].attn.q_norm
 
@@ -153,8 +241,20 @@ def test_eva_attention_methods_and_libragrad_rule() -> None:
     assert not torch.allclose(r0.grad, plain.grad)
 
 
+def _mixer() -> ViTClassifier:
+    """timm's MLP-Mixer S/16 at 64 px (4 x 4 patches) with a random head: timm zero-initialises the head, which
+    makes every logit 0 and every score-based check vacuous."""
+    torch.manual_seed(0)
+    model = build_model("mixer_s16_224", img_size=64, num_classes=5)
+    head = model.model.head
+    with torch.no_grad():
+        head.weight.normal_(0.0, head.in_features**-0.5)
+        head.bias.normal_(0.0, 0.1)
+    return model
+
+
 def test_methods_that_cannot_apply_fail_at_setup() -> None:
-    mixer = build_model("mixer_s16_224", img_size=64, num_classes=5)
+    mixer = _mixer()
     for method in (RawAttention(), AttentionRollout(), GenAtt(), TokenSampling()):
         with pytest.raises(ValueError, match="mixer"):
             method.setup(mixer)
@@ -170,14 +270,25 @@ def test_methods_that_cannot_apply_fail_at_setup() -> None:
         MIF().check_model(mixer)
     srg = SRG(removal="replace", baseline="black", ratios=[0.5])  # replacement works on the Mixer
     srg.check_model(mixer)
-    batch = AttributionBatch(
-        images=torch.rand(1, 3, 64, 64),
-        maps=torch.rand(1, 4, 4),
-        classes=torch.tensor([1]),
-        index=torch.tensor([0]),
-    )
+    g = torch.Generator().manual_seed(0)
+    images, maps, classes = torch.rand(2, 3, 64, 64, generator=g), torch.randn(2, 4, 4, generator=g), [1, 3]
+    batch = AttributionBatch(images=images, maps=maps, classes=torch.tensor(classes), index=torch.arange(2))
     srg.update(batch, mixer)
-    assert torch.isfinite(srg.compute())
+    # the Mixer's stem embeds each patch on its own (no position embedding): replacing 8 of the 16 tokens by
+    # a black image's = blacking out those 8 patches of the image
+    with torch.no_grad():
+        want = []
+        for i, c in enumerate(classes):
+            ranking = maps[i].flatten().argsort(descending=True)
+            probs = []
+            for removed in (ranking[:8], ranking[8:]):  # MIF: most attributed first; LIF: least
+                keep = torch.ones(16)
+                keep[removed] = 0.0
+                pixels = keep.view(1, 1, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3)
+                probs.append(mixer(images[i : i + 1] * pixels).softmax(-1)[0, c])
+            lif_minus_mif = torch.stack([torch.zeros(()), probs[1] - probs[0]]).double()
+            want.append(torch.trapezoid(lif_minus_mif, x=srg.axis()))
+    torch.testing.assert_close(srg.compute(), torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
     eva = build_model("eva02_tiny_patch14_224", img_size=56, num_classes=5)
     with pytest.raises(NotImplementedError, match="q_bias"):
         FullGradPlus().setup(eva)
@@ -185,17 +296,20 @@ def test_methods_that_cannot_apply_fail_at_setup() -> None:
 
 def test_mixer_libragrad_fullgrad_plus_is_complete() -> None:
     """MLP-Mixer under LibraGrad (LayerNorm + GELU rules): FullGrad+ terms, token-mixing biases included, sum to
-    the logit (FullGrad-completeness), and CAAP runs."""
-    torch.manual_seed(0)
-    model = build_model("mixer_s16_224", img_size=64, num_classes=5).double()
+    the logit (FullGrad-completeness); CAAP equals the per-patch reference of tests/test_caap.py."""
+    model = _mixer().double()
     images, target = torch.rand(2, 3, 64, 64, dtype=torch.float64), torch.tensor([1, 2])
     method = FullGradPlus(libragrad="full", score="logit")
     method.setup(model)
     total, score = method.completeness_terms(model, images, target)
     torch.testing.assert_close(total, score, rtol=1e-9, atol=1e-9)
-    caap = CAAP(start=0, stop=2)
+    assert score.abs().min() > 1e-2  # a head that reads the tokens (timm's zero-initialised one gives 0 = 0)
+    model, images = model.float(), images.float()
+    caap = CAAP(start=0, stop=2, score="delta", window=2)
     caap.setup(model)
-    assert caap(model, images.float().double(), target).shape == (2, 4, 4)
+    reference = reference_maps(model, images, target, caap.neutral.images(images, model), 0, 2, "hold", 2)
+    torch.testing.assert_close(caap(model, images, target), reference["delta"], rtol=1e-5, atol=1e-6)
+    assert reference["delta"].std() > 1e-3  # not trivially constant
 
 
 def test_offline_errors_say_how_to_provide_weights(monkeypatch) -> None:

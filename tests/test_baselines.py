@@ -21,9 +21,9 @@ from caap.methods import (
     RawAttention,
     TokenSampling,
 )
-from caap.methods._hooks import capture_attention
 from caap.methods.rise import RiseMasks
-from caap.models.build import build_model, set_fused_attn
+from caap.models.attention import capture_attention, set_fused_attn
+from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
 FG = "vit_fashiongrid_patch7_56"

@@ -26,15 +26,10 @@ from caap.methods.caap import (
     unpatched_logits,
     window_masks,
 )
-from caap.methods.neutral import (
-    NEUTRAL_KINDS,
-    DatasetMeanNeutral,
-    NoiseNeutral,
-    build_neutral,
-)
 from caap.models import build_model
 from caap.models.layers import resolve_layer_range
 from caap.models.vit import ViTClassifier
+from caap.references import IMAGE_KINDS, DatasetMeanImage, NoiseImages, build_reference
 
 FG = "vit_fashiongrid_patch7_56"
 # name -> (timm name, build kwargs, image size (h, w))
@@ -295,7 +290,7 @@ def test_bad_layer_range_fails_clearly(start, stop, needles) -> None:
         ({"score": "margin"}, ["score='margin'", "logit", "prob", "logprob", "delta"]),
         ({"window": 0}, ["window=0"]),
         ({"chunk_size": 4, "memory_budget_mb": 10}, ["chunk_size", "memory_budget_mb"]),
-        ({"neutral": "grey"}, ["neutral.kind='grey'", *NEUTRAL_KINDS]),
+        ({"neutral": "grey"}, ["neutral.kind='grey'", *IMAGE_KINDS]),
         (
             {"neutral": {"kind": "noise", "distribution": "poisson"}},
             ["neutral.distribution='poisson'", "uniform"],
@@ -312,9 +307,9 @@ def test_bad_config_fails_clearly(kwargs, needles) -> None:
 
 def test_missing_files_and_unprepared_dataset_mean(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"neutral\.path='.*nope\.png'"):
-        build_neutral({"kind": "image", "path": str(tmp_path / "nope.png")})
+        build_reference({"kind": "image", "path": str(tmp_path / "nope.png")})
     with pytest.raises(FileNotFoundError, match="dataset_mean"):
-        build_neutral({"kind": "dataset_mean", "path": str(tmp_path / "mean.pt")})
+        build_reference({"kind": "dataset_mean", "path": str(tmp_path / "mean.pt")})
     model, images = get_model("fg_cls"), get_images("fg_cls")
     method = CAAP(neutral="dataset_mean")
     with pytest.raises(RuntimeError, match="prepare"):
@@ -329,7 +324,7 @@ def test_deterministic_and_seeded_noise() -> None:
     c = CAAP(start=1, stop=4, neutral={"kind": "noise", "seed": 8, "num_samples": 2})(model, images, target)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    noise = NoiseNeutral(seed=7, num_samples=3)
+    noise = NoiseImages(seed=7, num_samples=3)
     assert torch.equal(noise.images(images, model), noise.images(images, model))
     assert noise.images(images, model).shape == (3, 1, 3, 28, 28)
 
@@ -442,16 +437,16 @@ def test_neutral_kinds(tmp_path) -> None:
         "image": ((1, 1, 3, 56, 56), False),
     }
     for kind, (shape, depends) in expected.items():
-        neutral = build_neutral({"kind": kind, "path": str(path)} if kind == "image" else kind)
+        neutral = build_reference({"kind": kind, "path": str(path)} if kind == "image" else kind)
         out = neutral.images(images, model)
         assert out.shape == shape and neutral.depends_on_image == depends, kind
         assert out.min() >= 0 and out.max() <= 1
-    red = build_neutral({"kind": "image", "path": str(path)}).images(images, model)
+    red = build_reference({"kind": "image", "path": str(path)}).images(images, model)
     close(red[0, 0, :, 10, 10], torch.tensor([1.0, 0.0, 0.0]))
-    close(build_neutral("mean_color").images(images, model)[0, 0, :, 0, 0], model.mean.flatten())
+    close(build_reference("mean_color").images(images, model)[0, 0, :, 0, 0], model.mean.flatten())
 
     dataset = [{"image": torch.full((3, 28, 28), float(i))} for i in range(4)]
-    mean = DatasetMeanNeutral()
+    mean = DatasetMeanImage()
     assert mean.needs_data
     mean.prepare(dataset, max_images=3)
     close(mean.mean_image, torch.full((3, 28, 28), 1.0))
@@ -460,7 +455,7 @@ def test_neutral_kinds(tmp_path) -> None:
     close(mean.mean_image, torch.full((3, 28, 28), 4.0 / 3))
     for name in ("mean.pt", "mean.safetensors"):
         mean.save(str(tmp_path / name))
-        loaded = build_neutral({"kind": "dataset_mean", "path": str(tmp_path / name)})
+        loaded = build_reference({"kind": "dataset_mean", "path": str(tmp_path / name)})
         out = loaded.images(images, model)  # resized 28 -> 56
         assert out.shape == (1, 1, 3, 56, 56)
         close(out, torch.full_like(out, 4.0 / 3))

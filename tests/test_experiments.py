@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 
 from caap.config import register_schemas
 from caap.methods.libragrad import PRESETS
-from caap.methods.neutral import NEUTRAL_KINDS, build_neutral
 from caap.models.layers import all_layer_ranges, resolve_layer_range
 from caap.paths import CONF_DIR
+from caap.references import IMAGE_KINDS, build_reference
 
 
 def sweep_jobs(*overrides: str, compose: bool = True) -> tuple[list[list[str]], list[DictConfig]]:
@@ -93,10 +93,10 @@ def test_caap_vs_baselines_is_every_method_on_the_same_images() -> None:
 def test_neutral_sweep_covers_every_file_free_neutral_context() -> None:
     _, cfgs = sweep_jobs("experiment=neutral_sweep")
     kinds = [c.method.neutral.kind for c in cfgs]
-    assert sorted(kinds) == sorted(k for k in NEUTRAL_KINDS if k != "image")  # `image` needs a file
+    assert sorted(kinds) == sorted(k for k in IMAGE_KINDS if k != "image")  # `image` needs a file
     for cfg in cfgs:
         assert choice(cfg, "method") == "caap"
-        assert build_neutral(dict(cfg.method.neutral)).kind == cfg.method.neutral.kind
+        assert build_reference(dict(cfg.method.neutral)).kind == cfg.method.neutral.kind
 
 
 def test_libragrad_ablation_is_every_gradient_method_times_every_preset() -> None:

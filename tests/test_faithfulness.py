@@ -22,14 +22,11 @@ from caap.metrics import LIF, MIF, SRG, PixelDeletion, PixelInsertion
 from caap.metrics.base import AttributionMetric
 from caap.metrics.functional.faithfulness import (
     DEFAULT_RATIOS,
-    Outcomes,
     check_ratios,
     faithfulness_curves,
     higher_is_better,
     removal_axis,
     removal_counts,
-    replacement_tokens,
-    score_curves,
     token_removal_outcomes,
 )
 from caap.metrics.functional.pixel_perturbation import (
@@ -40,6 +37,8 @@ from caap.metrics.functional.pixel_perturbation import (
 )
 from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
+from caap.references import build_token_reference, reference_tokens
+from caap.scores import Outcomes, score_curves
 
 FG = "vit_fashiongrid_patch7_56"
 
@@ -184,11 +183,11 @@ def test_token_drop_equals_plain_loop(name: str, kwargs: dict | None) -> None:
 def test_token_replace_equals_plain_loop(cls_model: ViTClassifier) -> None:
     images, maps, classes = _inputs(2, seed=3)
     ratios = [0.25, 0.5, 1.0]
-    for baseline in ("black", "zero", "mean", {"kind": "blur", "sigma": 2.0}):
+    for baseline in ("black", "zero_tokens", "mean_color", {"kind": "blur", "sigma": 2.0}):
         got = token_removal_outcomes(
             cls_model, images, maps, classes, ratios, ("mif", "lif"), "replace", baseline, max_batch=5
         )
-        base = replacement_tokens(cls_model, images, baseline)
+        base = reference_tokens(cls_model, images, build_token_reference(baseline))
         with torch.no_grad():
             r0 = cls_model.embed(images)
             for i, (s, r), order in itertools.product(range(2), enumerate(ratios), ("mif", "lif")):
@@ -273,7 +272,7 @@ def test_drop_refused_for_fixed_grid_head_replace_works(cls_model: ViTClassifier
 def test_pixel_paths_equal_plain_loop(cls_model: ViTClassifier) -> None:
     images, maps, classes = _inputs(2, seed=6)
     k = 4
-    for mode, baseline in (("deletion", "zero"), ("insertion", "blur"), ("deletion", "black")):
+    for mode, baseline in (("deletion", "mean_color"), ("insertion", "blur"), ("deletion", "black")):
         got = pixel_perturbation_outcomes(cls_model, images, maps, classes, mode, baseline, k, "bilinear", 3)
         base = baseline_images(cls_model, images, baseline)
         up = F.interpolate(maps[:, None], size=(56, 56), mode="bilinear", align_corners=False)[:, 0]
@@ -290,9 +289,9 @@ def test_pixel_paths_equal_plain_loop(cls_model: ViTClassifier) -> None:
                         x = torch.where(top, images[i : i + 1], base[i : i + 1])
                     want = cls_model(x)[0, classes[i]]
                     torch.testing.assert_close(got.logit[i, s], want, atol=2e-5, rtol=0)
-    # zero = a zero input after normalisation = the model's mean colour
+    # mean_color = the model's mean colour = a zero input after normalisation
     torch.testing.assert_close(
-        cls_model.normalize(baseline_images(cls_model, images, "zero")), torch.zeros_like(images)
+        cls_model.normalize(baseline_images(cls_model, images, "mean_color")), torch.zeros_like(images)
     )
 
 

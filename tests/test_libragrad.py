@@ -25,7 +25,8 @@ from caap.methods import (
 )
 from caap.methods.libragrad import PRESETS, resolve_libragrad
 from caap.metrics import CompletenessError
-from caap.models.build import build_model, set_fused_attn
+from caap.models.attention import set_fused_attn
+from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
 FG = "vit_fashiongrid_patch7_56"
@@ -368,7 +369,8 @@ def test_methods_are_batched_per_sample(name: str, libragrad_option) -> None:
 
 
 @pytest.mark.parametrize(
-    ("baseline", "rule"), [("zero", "gausslegendre"), ("black", "riemann_middle"), ("black", "riemann_left")]
+    ("baseline", "rule"),
+    [("zero_tokens", "gausslegendre"), ("black", "riemann_middle"), ("black", "riemann_left")],
 )
 def test_integrated_gradients_matches_captum(baseline: str, rule: str) -> None:
     """Same quadrature, same numbers. (Captum's riemann_trapezoid weights sum to (n-1)/n, ours to 1: not compared.)"""
@@ -377,7 +379,9 @@ def test_integrated_gradients_matches_captum(baseline: str, rule: str) -> None:
     ours_method = IntegratedGradients(steps=12, baseline=baseline, rule=rule, steps_per_batch=5)
     ours = ours_method(model, images, target)
     r0 = model.embed(images).detach()
-    base = torch.zeros_like(r0) if baseline == "zero" else model.embed(torch.zeros_like(images)).detach()
+    base = (
+        torch.zeros_like(r0) if baseline == "zero_tokens" else model.embed(torch.zeros_like(images)).detach()
+    )
     theirs, delta = CaptumIG(_FromEmbeddings(model)).attribute(
         r0,
         baselines=base,

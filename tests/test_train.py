@@ -60,7 +60,7 @@ def test_train_fashionscenes_half_weights_reload(tmp_path: Path) -> None:
     cfg = compose_train("train_fashionscenes", tmp_path, *small)
     assert cfg.dataset._target_ == "caap.data.FashionScenes" and cfg.half
     card = train(cfg)
-    name = "vit_fashionscenes_patch14_112"
+    name = "vit_fashionscenes_patch8_112"  # the export name follows the patch size
     weights = check_card(card, tmp_path, name)
     assert card["weights_dtype"] == "float16" and 0.0 <= card["test_mAP_float32"] <= 1.0
     assert card["architecture"]["patch_size"] == 8 and card["architecture"]["img_size"] == 112

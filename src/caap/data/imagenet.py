@@ -19,28 +19,12 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Sequence
-from functools import cache
 from pathlib import Path
 
-from timm.data import ImageNetInfo
-
 from caap.data.image_folder import FOLDERS, IMAGE_EXTENSIONS, ImageFolderDataset
+from caap.models.imagenet_classes import imagenet_class_names, imagenet_wnids
 
 log = logging.getLogger(__name__)
-
-
-@cache
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k synset ids in timm's class order (sorted)."""
-    info = ImageNetInfo()
-    return tuple(info.index_to_label_name(i) for i in range(info.num_classes()))
-
-
-@cache
-def imagenet_class_names() -> tuple[str, ...]:
-    """Readable names of the 1000 classes (the first synonym of each synset), in timm's class order."""
-    info = ImageNetInfo()
-    return tuple(info.index_to_description(i).split(",")[0] for i in range(info.num_classes()))
 
 
 def read_devkit_meta(path: str | Path) -> dict[int, str]:

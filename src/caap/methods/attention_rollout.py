@@ -11,7 +11,7 @@ The rollout is the product `A_L ... A_1`. The map is the row of what the head re
   pool is an average (for max pooling this is an approximation, documented as such).
 
 The attention matrices are captured with fused attention switched off inside the method only
-(`caap.methods._hooks.capture_attention`, which always restores the model). Batched over images.
+(`caap.models.attention.capture_attention`, which always restores the model). Batched over images.
 """
 
 from __future__ import annotations
@@ -19,16 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caap.methods._hooks import (
-    HEAD_FUSIONS,
-    attention_readout,
-    capture_attention,
-    check_choice,
-    check_probability,
-    fuse_heads,
-    readout_rows,
-)
 from caap.methods.base import AttributionMethod
+from caap.methods.head_fusion import HEAD_FUSIONS, fuse_heads
+from caap.methods.option_checks import check_choice, check_probability
+from caap.models.attention import attention_readout, capture_attention, readout_rows
 from caap.models.vit import ViTClassifier
 
 

@@ -33,9 +33,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from caap.methods.base import AttributionMethod
-from caap.methods.neutral import NeutralContext, build_neutral
 from caap.models.layers import resolve_layer_range
 from caap.models.vit import ViTClassifier
+from caap.references import ReferenceImage as NeutralContext
+from caap.references import build_reference as build_neutral
 
 MODES = ("hold", "inject")
 SCORES = ("logit", "prob", "logprob", "delta")

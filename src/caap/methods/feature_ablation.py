@@ -13,17 +13,13 @@ from __future__ import annotations
 from captum.attr import FeatureAblation as CaptumFeatureAblation
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    ScoreModel,
-    check_choice,
-    check_positive_int,
-    patch_feature_mask,
-    pool_to_patches,
-)
 from caap.methods.base import AttributionMethod
-from caap.methods.occlusion import check_baseline
+from caap.methods.option_checks import check_positive_int
+from caap.methods.patches import patch_feature_mask, pool_to_patches
+from caap.methods.score_model import ScoreModel
 from caap.models.vit import ViTClassifier
+from caap.references import check_pixel_value
+from caap.scores import PROB_OR_LOGIT, check_score
 
 
 class FeatureAblation(AttributionMethod):
@@ -33,8 +29,8 @@ class FeatureAblation(AttributionMethod):
     name = "feature_ablation"
 
     def __init__(self, baseline: float = 0.0, score: str = "prob", perturbations_per_eval: int = 16) -> None:
-        self.baseline = check_baseline(baseline)
-        self.score = check_choice("score", score, SCORES)
+        self.baseline = check_pixel_value(baseline)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.perturbations_per_eval = check_positive_int("perturbations_per_eval", perturbations_per_eval)
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:

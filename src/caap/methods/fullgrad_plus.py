@@ -24,24 +24,14 @@ from caap.methods.gradient import GradientFamily
 from caap.models.vit import ViTClassifier
 
 
-def token_mixing_layers(model: ViTClassifier) -> set[nn.Module]:
-    """The layers of MLP-Mixer token-mixing MLPs (`mlp_tokens`), which act on `[B, D, tokens]`: their last
-    dimension is tokens (the output layer) or hidden token-mixing units (the input layer), not channels."""
-    return {m for block in model.model.blocks for m in getattr(block, "mlp_tokens", nn.Identity()).modules()}
-
-
 def biased_layers(model: ViTClassifier) -> list[nn.Module]:
     """The layers after r_0 whose bias enters the residual computation: Linear and LayerNorm (with bias).
 
     Raises NotImplementedError for biases that enter without a module output to read their gradient from
     (EVA's `q_bias` / `v_bias`, added to the qkv projection inside `F.linear`) or in layers without a rule.
     """
-    root = model.model
-    scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
-    if model.classifier is not None:
-        scope.append(model.classifier)
     layers = []
-    for part in scope:
+    for part in model.modules_after_embedding():
         for m in part.modules():
             if isinstance(getattr(m, "q_bias", None), nn.Parameter) or isinstance(
                 getattr(m, "v_bias", None), nn.Parameter
@@ -77,7 +67,7 @@ class FullGradPlus(GradientFamily):
         r0 = self.embed_leaf(model, images)
         num_tokens = r0.shape[1]
         captured: list[tuple[Tensor, Tensor, bool]] = []
-        mixing = token_mixing_layers(model)
+        mixing = model.token_mixing_modules()
 
         def capture(module: nn.Module, args: tuple, out: Tensor) -> None:
             if out.requires_grad:

@@ -11,44 +11,12 @@ dS/dA is taken through the rewired backward (A itself is a constant there).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
-from timm.layers.attention import Attention
-from timm.models.eva import EvaAttention
-from torch import Tensor, nn
+from torch import Tensor
 
-from caap.methods._hooks import attention_readout, readout_rows
 from caap.methods.gradient import GradientFamily
+from caap.models.attention import attention_hooks, attention_modules, attention_readout
 from caap.models.vit import ViTClassifier
-
-
-@contextmanager
-def unfused_attention(model: ViTClassifier) -> Iterator[list[Attention]]:
-    """Every block's timm Attention with fused SDPA off; the previous settings come back on exit."""
-    attns = _attentions(model)
-    before = [a.fused_attn for a in attns]
-    try:
-        for a in attns:
-            a.fused_attn = False
-        yield attns
-    finally:
-        for a, flag in zip(attns, before, strict=True):
-            a.fused_attn = flag
-
-
-def _attentions(model: ViTClassifier) -> list[nn.Module]:
-    """Every block's attention module; a clear error for models without timm `Attention` / `EvaAttention`."""
-    readout_rows(model)  # no attention at all (MLP-Mixer): a clear error
-    attns = [block.attn for block in model.blocks]
-    for a in attns:
-        if type(a) not in (Attention, EvaAttention):
-            raise NotImplementedError(
-                f"GenAtt on model '{model.name}': attention {type(a).__name__} is not timm.layers.Attention "
-                f"or EvaAttention"
-            )
-    return attns
 
 
 class GenAtt(GradientFamily):
@@ -56,7 +24,7 @@ class GenAtt(GradientFamily):
 
     def setup(self, model: ViTClassifier) -> None:
         super().setup(model)
-        _attentions(model)
+        attention_modules(model)  # no attention matrices (MLP-Mixer, other attention classes): a clear error
         if model.pooling in ("max", "avgmax"):
             raise ValueError(
                 f"GenAtt supports token, avg and CLS + mean pooling; model '{model.name}' pools with "
@@ -69,19 +37,14 @@ class GenAtt(GradientFamily):
             r0 = model.embed(images)
         maps: list[Tensor] = []
 
-        def capture(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        def capture(_j: int, attention: Tensor) -> Tensor:
             # under LibraGrad A is built from detached q, k: give it a leaf so dS/dA still exists
-            a = out if out.requires_grad else out.detach().requires_grad_(True)
+            a = attention if attention.requires_grad else attention.detach().requires_grad_(True)
             maps.append(a)
             return a
 
-        with unfused_attention(model) as attns, self.rewired(model):
-            handles = [a.attn_drop.register_forward_hook(capture) for a in attns]
-            try:
-                logits = model.head(model.forward_blocks(r0))
-            finally:
-                for handle in handles:
-                    handle.remove()
+        with self.rewired(model), attention_hooks(model, capture):
+            logits = model.head(model.forward_blocks(r0))
             scores = self.target_scores(model, logits, target)
             grads = torch.autograd.grad(scores.sum(), maps, allow_unused=True)
         b, t = r0.shape[:2]

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from caap.methods.base import AttributionMethod
-from caap.methods.libragrad import _plan, libragrad, resolve_libragrad, resolve_score, score_of
+from caap.methods.libragrad import libragrad, plan_hooks, resolve_libragrad, resolve_score
 from caap.models.vit import ViTClassifier
+from caap.scores import target_score
 
 
 class GradientFamily(AttributionMethod):
@@ -29,16 +30,16 @@ class GradientFamily(AttributionMethod):
     def __init__(self, score: str | None = None, libragrad: bool | str = False) -> None:
         self.rules = resolve_libragrad(libragrad)
         self.libragrad = self.rules.name if self.rules is not None else False
-        self.score = resolve_score(score, self.rules, self.name)
+        self.score = resolve_score(score, self.rules)
 
     def setup(self, model: ViTClassifier) -> None:
         """Fail before any data when the LibraGrad rules have no rule for a module of `model`."""
         if self.rules is not None:
-            _plan(model, self.rules)
+            plan_hooks(model, self.rules)
 
     def target_scores(self, model: ViTClassifier, logits: Tensor, target: Tensor) -> Tensor:
         """The differentiated score `[B]` (target logit or probability)."""
-        return score_of(logits, target, self.score, model.multilabel)
+        return target_score(logits, target, self.score, model.multilabel)
 
     def rewired(self, model: ViTClassifier):
         """The LibraGrad context of this method (a no-op for plain gradients)."""

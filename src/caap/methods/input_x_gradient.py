@@ -16,15 +16,7 @@ import torch
 from torch import Tensor
 
 from caap.methods.gradient import GradientFamily
-from caap.methods.libragrad import SCORES, score_of
 from caap.models.vit import ViTClassifier
-
-__all__ = ["SCORES", "InputXGradient", "target_score"]
-
-
-def target_score(model: ViTClassifier, logits: Tensor, target: Tensor, score: str) -> Tensor:
-    """The differentiated score `[B]`: the target logit or the target probability."""
-    return score_of(logits, target, score, model.multilabel)
 
 
 class InputXGradient(GradientFamily):

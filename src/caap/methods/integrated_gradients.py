@@ -1,10 +1,9 @@
 """Integrated Gradients (Sundararajan et al. 2017) on the token embeddings r_0, batched over steps.
 
 `IG(x)[t, d] = (x - x')[t, d] * integral_0^1 dS/dr_0(x' + a (x - x'))[t, d] da`, summed over channels per
-token (signed), with x = r_0 of the image and x' a baseline in r_0 space: `zero` (the official choice; REFERENCE
-says the official code may multiply by the interpolated input: we use the standard definition) or `black`
-(r_0 of an all-black image: its prefix tokens and position embeddings equal the input's, so only the patch
-content is integrated). The integral is a quadrature with `steps` points: `gausslegendre` (Captum's default),
+token (signed), with x = r_0 of the image and x' a token reference (`caap.references`): `zero_tokens` (the
+official choice, in the standard definition) or the r_0 of a reference image such as `black` (its prefix tokens
+and position embeddings equal the input's, so only the patch content is integrated). The integral is a quadrature with `steps` points: `gausslegendre` (Captum's default),
 `riemann_trapezoid`, `riemann_middle`, `riemann_left`, `riemann_right`; `steps_per_batch` interpolation
 steps of all images run in one pass. Completeness: the total equals S(x) - S(x') up to quadrature error
 (exactly, for any quadrature, when the rewired network is affine, i.e. LibraGrad with a logit head).
@@ -12,15 +11,20 @@ steps of all images run in one pass. Completeness: the total equals S(x) - S(x')
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from caap.methods.gradient import GradientFamily
 from caap.models.vit import ViTClassifier
+from caap.references import ZERO_TOKENS, build_token_reference, reference_tokens
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
-BASELINES = ("zero", "black")
+BASELINES = (ZERO_TOKENS, "black", "mean_color", "blur")
+"""The token references IG integrates from (`caap.references`)."""
 
 
 def quadrature(steps: int, rule: str) -> tuple[Tensor, Tensor]:
@@ -50,13 +54,12 @@ class IntegratedGradients(GradientFamily):
         score: str | None = None,
         libragrad: bool | str = False,
         steps: int = 50,
-        baseline: str = "zero",
+        baseline: str | Mapping[str, Any] = ZERO_TOKENS,
         rule: str = "gausslegendre",
         steps_per_batch: int = 16,
     ) -> None:
         super().__init__(score=score, libragrad=libragrad)
-        if baseline not in BASELINES:
-            raise ValueError(f"method.baseline='{baseline}' is not supported; allowed: {list(BASELINES)}")
+        self.reference = build_token_reference(baseline, "method.baseline", BASELINES)
         if rule not in RULES:
             raise ValueError(f"method.rule='{rule}' is not supported; allowed: {list(RULES)}")
         if steps < 1 or steps_per_batch < 1:
@@ -68,17 +71,11 @@ class IntegratedGradients(GradientFamily):
             int(steps_per_batch),
         )
 
-    def baseline_of(self, model: ViTClassifier, images: Tensor, r0: Tensor) -> Tensor:
-        if self.baseline == "zero":
-            return torch.zeros_like(r0)
-        with torch.no_grad():
-            return model.embed(torch.zeros_like(images))
-
     def token_relevance(self, model: ViTClassifier, images: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(per-token IG `[B, T]` incl. prefix tokens, S(x) - S(x') `[B]`)."""
         with torch.no_grad():
             r0 = model.embed(images)
-        base = self.baseline_of(model, images, r0)
+            base = reference_tokens(model, images, self.reference)
         delta = r0 - base
         alphas, weights = quadrature(self.steps, self.rule)
         alphas, weights = alphas.to(r0), weights.to(r0)

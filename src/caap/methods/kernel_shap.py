@@ -21,17 +21,14 @@ from __future__ import annotations
 from captum.attr import KernelShap as CaptumKernelShap
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    ScoreModel,
-    check_choice,
-    check_positive_int,
-    patch_feature_mask,
-)
-from caap.methods._surrogate import WeightedRidge, attribute_per_image
 from caap.methods.base import AttributionMethod
-from caap.methods.occlusion import check_baseline
+from caap.methods.option_checks import check_positive_int
+from caap.methods.patches import patch_feature_mask
+from caap.methods.score_model import ScoreModel
+from caap.methods.surrogate import WeightedRidge, attribute_per_image
 from caap.models.vit import ViTClassifier
+from caap.references import check_pixel_value
+from caap.scores import PROB_OR_LOGIT, check_score
 
 
 class KernelShap(AttributionMethod):
@@ -49,8 +46,8 @@ class KernelShap(AttributionMethod):
         seed: int = 0,
     ) -> None:
         self.n_samples = check_positive_int("n_samples", n_samples)
-        self.baseline = check_baseline(baseline)
-        self.score = check_choice("score", score, SCORES)
+        self.baseline = check_pixel_value(baseline)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.perturbations_per_eval = check_positive_int("perturbations_per_eval", perturbations_per_eval)
         self.seed = int(seed)
 

@@ -8,13 +8,12 @@ applies the rule's Jacobian directly, so that nothing extra is computed in forwa
 as forward hooks; nothing is monkey-patched and nothing is left behind. Hooks act only while autograd records
 (under `torch.no_grad()` they return the module output untouched).
 
-Cost: a LibraGrad gradient pass costs what a plain one does (`benchmarks/libragrad_cost.py`). The rules' own
-backward kernels are no dearer than the ones they replace: LayerNorm reuses the rstd its forward kernel saved,
-the activation gate is read off the activation's output (`y / x`), and attention with q and k detached runs a
-value-only backward (A recomputed, `dv = A^T do`: two matmuls) instead of the fused SDPA backward that
-computes dq, dk and dv (five).
+The rules' backward kernels are no dearer than the ones they replace: LayerNorm reuses the rstd its forward
+kernel saved, the activation gate is read off the activation's output (`y / x`), and attention with q and k
+detached runs a value-only backward (A recomputed, `dv = A^T do`) instead of the fused SDPA backward.
 
-Rules (REFERENCE.md section 1, from the official code, where LibraGrad is called "FairGrad"):
+Rules (from the official code, where LibraGrad is called "FairGrad"); the modules they act on are found by
+`caap.models.libragrad_sites`:
 
 - attention: q and k detached (hooks on `attn.q_norm` / `attn.k_norm`, which timm always calls, `nn.Identity`
   without qk-norm), so the attention matrix is a constant in backward and the gradient flows through V only.
@@ -51,17 +50,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from timm.layers import activations as timm_act
-from timm.layers import mlp as timm_mlp
-from timm.layers import norm as timm_norm
-from timm.layers.attention import Attention
-from timm.models.eva import EvaAttention
 from torch import Tensor, nn
+
+from caap.models.libragrad_sites import AttentionSite, libragrad_sites
+from caap.models.vit import ViTClassifier
+from caap.scores import PROB_OR_LOGIT
 
 __all__ = [
     "PRESETS",
     "LibraGradRules",
     "libragrad",
+    "plan_hooks",
     "resolve_libragrad",
     "resolve_score",
     "swap_backward",
@@ -140,15 +139,13 @@ def resolve_libragrad(libragrad: bool | str | LibraGradRules | None) -> LibraGra
     )
 
 
-SCORES = ("logit", "prob")
-
-
-def resolve_score(score: str | None, rules: LibraGradRules | None, method: str = "method") -> str:
-    """The differentiated score: explicit `score`, else the preset's head (LibraGrad) or the logit (plain)."""
+def resolve_score(score: str | None, rules: LibraGradRules | None) -> str:
+    """The differentiated score: explicit `score` (`prob` / `logit`), else the preset's head (LibraGrad) or the
+    logit (plain gradients)."""
     if score is None:
         return rules.head if rules is not None else "logit"
-    if score not in SCORES:
-        raise ValueError(f"method.score='{score}' is not supported; allowed: {list(SCORES)} or null")
+    if score not in PROB_OR_LOGIT:
+        raise ValueError(f"method.score='{score}' is not supported; allowed: {list(PROB_OR_LOGIT)} or null")
     return score
 
 
@@ -272,9 +269,7 @@ def _value_only_backward(q: Tensor) -> bool:
     """Whether fused attention under the detach_qk rule takes `_ValueOnlyAttention`'s backward or SDPA's own
     (which computes dq and dk for nothing, but in one fused kernel). Env `CAAP_LIBRAGRAD_ATTENTION_BACKWARD`:
     `value_only`, `sdpa`, or `auto` (default): value-only except for half-precision q on an accelerator, where
-    the flash backward kernel is the faster of the two. Measured by benchmarks/libragrad_cost.py (ViT-B/16,
-    batch 64, H100): value-only wins in fp32 (1.03x vs 1.08x a plain pass), SDPA's in bf16 (1.41x vs 1.76x),
-    and value-only on the CPU. The gradient is the same either way."""
+    the flash backward kernel is the faster of the two. The gradient is the same either way."""
     choice = os.environ.get("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", "auto")
     if choice not in ATTENTION_BACKWARDS:
         raise ValueError(
@@ -324,8 +319,8 @@ def _gate_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor 
     return _DetachedGate.apply(args[0], out.detach())
 
 
-def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
-    """Hooks that route the backward of a fused timm `Attention` through `_ValueOnlyAttention`.
+def _value_only_attention_hooks(site: AttentionSite) -> list[tuple[nn.Module, str, Callable[..., Any]]]:
+    """Hooks that route the backward of a fused timm `Attention` (a `qkv` site) through `_ValueOnlyAttention`.
 
     The qkv output and the (detached) q and k are stashed as the forward runs; a pre-hook on `attn.norm`
     (the first module after the attention product) swaps its input for the value-only rule. It applies only on
@@ -362,39 +357,18 @@ def _value_only_attention_hooks(attn: Attention) -> list[tuple[nn.Module, str, C
         if not qkv.requires_grad or not _value_only_backward(q):
             return None
         b, n, _ = qkv.shape
-        v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim)[:, :, 2]
-        return (_ValueOnlyAttention.apply(v, q, k, args[0].detach(), attn.scale), *args[1:])
+        v = qkv.reshape(b, n, 3, site.num_heads, site.head_dim)[:, :, 2]
+        return (_ValueOnlyAttention.apply(v, q, k, args[0].detach(), site.scale), *args[1:])
 
+    assert site.qkv is not None
     return [
-        (attn, "pre_kwargs", call_hook),
-        (attn.qkv, "fwd", qkv_hook),
-        (attn.q_norm, "fwd", qk_hook("q")),
-        (attn.k_norm, "fwd", qk_hook("k")),
-        (attn.norm, "pre", norm_pre_hook),
+        (site.module, "pre_kwargs", call_hook),
+        (site.qkv, "fwd", qkv_hook),
+        (site.q_norm, "fwd", qk_hook("q")),
+        (site.k_norm, "fwd", qk_hook("k")),
+        (site.out_norm, "pre", norm_pre_hook),
     ]
 
-
-_GATED_ACTS: tuple[type, ...] = (
-    nn.GELU,
-    nn.SiLU,
-    timm_act.GELU,
-    timm_act.GELUTanh,
-    timm_act.QuickGELU,
-    timm_act.Swish,
-)
-
-
-def _has_gate_rule(module: nn.Module) -> bool:
-    """Whether `module` is an activation of the form act(x) = x * g(x) with g(0) = 1/2 (GELU erf/tanh,
-    QuickGELU, SiLU), whose gate `_DetachedGate` holds constant."""
-    return isinstance(module, _GATED_ACTS)
-
-
-_NO_RULE_ACTS = (nn.ReLU, nn.Identity)
-_RMS_NORMS: tuple[type, ...] = tuple(
-    c for c in (getattr(nn, "RMSNorm", None), timm_norm.RmsNorm, timm_norm.RmsNormFp32) if c is not None
-)
-_GATED_MLPS = (timm_mlp.GluMlp, timm_mlp.SwiGLU)
 
 _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -413,80 +387,44 @@ def _scale_hook(factor: float) -> Callable[..., Tensor | None]:
 _Hook = tuple[nn.Module, str, Callable[..., Any]]
 
 
-def _plan(model: nn.Module, rules: LibraGradRules) -> list[_Hook]:
+def plan_hooks(model: ViTClassifier, rules: LibraGradRules) -> list[_Hook]:
     """(module, kind, hook) in installation order, kind `fwd` (forward hook), `pre` (forward pre-hook) or
-    `pre_kwargs` (pre-hook with kwargs); raises on modules the rules cannot handle."""
-    name = getattr(model, "name", type(model).__name__)
-    root = getattr(model, "model", model)
-    scope = [root.blocks] + [getattr(root, n) for n in ("norm", "fc_norm", "head") if hasattr(root, n)]
-    if isinstance(getattr(model, "classifier", None), nn.Module):
-        scope.append(model.classifier)
-    modules = [m for part in scope for m in part.modules()]
+    `pre_kwargs` (pre-hook with kwargs); raises NotImplementedError on modules the rules cannot handle."""
+    sites = libragrad_sites(model)
     plan: list[_Hook] = []
     zeros = _ZeroBuffers()
     # 1) norms first, so that the attention hooks on q_norm / k_norm see their substituted output
-    for m in modules:
-        if isinstance(m, nn.LayerNorm):
-            if rules.layernorm:
-                plan.append((m, "fwd", _norm_hook(True, zeros)))
-        elif _RMS_NORMS and isinstance(m, _RMS_NORMS):
-            if rules.layernorm:
-                plan.append((m, "fwd", _norm_hook(False, zeros)))
-        elif "norm" in type(m).__name__.lower() and not isinstance(m, nn.Identity):
-            raise NotImplementedError(
-                f"LibraGrad on model '{name}': no rule for the normalisation layer {type(m).__name__}; "
-                f"supported: LayerNorm, RMSNorm"
-            )
-    # 2) activations and gated MLPs
-    for m in modules:
-        if isinstance(m, _GATED_MLPS) and rules.gated_mlp:
-            plan.append((m.drop1, "fwd", _scale_hook(0.5)))
-        act = getattr(m, "act", None)
-        if isinstance(act, nn.Module) and not isinstance(act, _NO_RULE_ACTS):
-            if not _has_gate_rule(act):
-                raise NotImplementedError(
-                    f"LibraGrad on model '{name}': no gate rule for the activation {type(act).__name__} in "
-                    f"{type(m).__name__}; supported: GELU (erf, tanh), QuickGELU, SiLU, ReLU"
-                )
-            if rules.activation:
-                plan.append((act, "fwd", _gate_hook))
+    if rules.layernorm:
+        plan += [(m, "fwd", _norm_hook(centred, zeros)) for m, centred in sites.norms]
+    # 2) gated-MLP products and activation gates
+    if rules.gated_mlp:
+        plan += [(m, "fwd", _scale_hook(0.5)) for m in sites.gated_mlp_products]
+    if rules.activation:
+        plan += [(act, "fwd", _gate_hook) for act in sites.gated_activations]
     # 3) attention
-    for m in modules:
-        if type(m) is Attention:
-            if getattr(m, "gate", None) is not None and rules.activation:
-                plan.append((m.gate, "fwd", _detach_hook))
-            if rules.attention == "detach_qk":
-                plan += _value_only_attention_hooks(m)
-            elif rules.attention == "attnlrp":
-                plan.append((m.q_norm, "fwd", _scale_hook(rules.qk_scale)))
-                plan.append((m.k_norm, "fwd", _scale_hook(rules.qk_scale)))
-                plan.append((m.norm, "fwd", _scale_hook(rules.out_scale)))
-        elif type(m) is EvaAttention:
+    for site in sites.attentions:
+        if site.gate is not None and rules.activation:
+            plan.append((site.gate, "fwd", _detach_hook))
+        if rules.attention == "attnlrp":
+            plan.append((site.q_norm, "fwd", _scale_hook(rules.qk_scale)))
+            plan.append((site.k_norm, "fwd", _scale_hook(rules.qk_scale)))
+            plan.append((site.out_norm, "fwd", _scale_hook(rules.out_scale)))
+        elif rules.attention == "detach_qk" and site.kind == "qkv":
+            plan += _value_only_attention_hooks(site)
+        elif rules.attention == "detach_qk":
             # EVA02: q_norm / k_norm run before the rotary embedding, so detaching their outputs detaches the
             # rotated q and k too (A constant in backward); its qkv is an F.linear call, so SDPA's own backward
             # runs (the same gradient as the value-only one)
-            if getattr(m, "gate", None) is not None and rules.activation:
-                plan.append((m.gate, "fwd", _detach_hook))
-            if rules.attention == "detach_qk":
-                plan.append((m.q_norm, "fwd", _detach_hook))
-                plan.append((m.k_norm, "fwd", _detach_hook))
-            elif rules.attention == "attnlrp":
-                plan.append((m.q_norm, "fwd", _scale_hook(rules.qk_scale)))
-                plan.append((m.k_norm, "fwd", _scale_hook(rules.qk_scale)))
-                plan.append((m.norm, "fwd", _scale_hook(rules.out_scale)))
-        elif "attention" in type(m).__name__.lower() or hasattr(m, "fused_attn"):
-            raise NotImplementedError(
-                f"LibraGrad on model '{name}': no rule for the attention module {type(m).__name__}; "
-                f"supported: timm.layers.Attention (ViT, DeiT, DeiT3, DINOv2, CLIP), EvaAttention (EVA02)"
-            )
+            plan.append((site.q_norm, "fwd", _detach_hook))
+            plan.append((site.k_norm, "fwd", _detach_hook))
     return plan
 
 
 @contextmanager
 def libragrad(
-    model: nn.Module, rules: bool | str | LibraGradRules | None = "full"
+    model: ViTClassifier, rules: bool | str | LibraGradRules | None = "full"
 ) -> Iterator[LibraGradRules | None]:
-    """Rewire the backward pass of `model` (a `ViTClassifier` or timm ViT) with LibraGrad rules.
+    """Rewire the backward pass of `model` with LibraGrad rules.
 
     Yields the rules (None when `rules` is false: a no-op, so methods can always enter it). Forward outputs are
     bit-identical; all hooks are removed on exit, even on exceptions. Not re-entrant on the same model.
@@ -499,7 +437,7 @@ def libragrad(
         raise RuntimeError(
             "libragrad(): already active on this model (nested contexts would stack the rules)"
         )
-    plan = _plan(model, resolved)
+    plan = plan_hooks(model, resolved)
     handles = []
     _ACTIVE.add(model)
     try:
@@ -513,11 +451,3 @@ def libragrad(
         for handle in handles:
             handle.remove()
         _ACTIVE.discard(model)
-
-
-def score_of(logits: Tensor, target: Tensor, score: str, multilabel: bool) -> Tensor:
-    """Target score `[B]`: the logit, or the probability (sigmoid for multi-label heads, else softmax)."""
-    if score == "logit":
-        return logits.gather(1, target[:, None]).squeeze(1)
-    picked = logits.sigmoid() if multilabel else logits.softmax(-1)
-    return picked.gather(1, target[:, None]).squeeze(1)

@@ -5,7 +5,7 @@ every patch with probability 1/2 (Captum's default sampler) and sets the others 
 (`baseline`, a pixel value in [0, 1]; 0 = black). Samples are weighted by Captum's default similarity, an
 exponential kernel of the cosine distance to the original image (`kernel_width`), and a weighted linear
 surrogate of the target score (probability or logit) is fitted; its coefficients are the attributions.
-Surrogate: our closed-form weighted ridge with penalty `alpha` (`caap.methods._surrogate.WeightedRidge`),
+Surrogate: our closed-form weighted ridge with penalty `alpha` (`caap.methods.surrogate.WeightedRidge`),
 because Captum's default, scikit-learn's Lasso(alpha=0.01), is not installed; the ridge keeps every patch's
 coefficient (no sparsity), which suits a full attribution map.
 
@@ -23,17 +23,14 @@ from captum.attr import Lime as CaptumLime
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    ScoreModel,
-    check_choice,
-    check_positive_int,
-    patch_feature_mask,
-)
-from caap.methods._surrogate import WeightedRidge, attribute_per_image
 from caap.methods.base import AttributionMethod
-from caap.methods.occlusion import check_baseline
+from caap.methods.option_checks import check_positive_int
+from caap.methods.patches import patch_feature_mask
+from caap.methods.score_model import ScoreModel
+from caap.methods.surrogate import WeightedRidge, attribute_per_image
 from caap.models.vit import ViTClassifier
+from caap.references import check_pixel_value
+from caap.scores import PROB_OR_LOGIT, check_score
 
 
 class Lime(AttributionMethod):
@@ -53,8 +50,8 @@ class Lime(AttributionMethod):
         seed: int = 0,
     ) -> None:
         self.n_samples = check_positive_int("n_samples", n_samples)
-        self.baseline = check_baseline(baseline)
-        self.score = check_choice("score", score, SCORES)
+        self.baseline = check_pixel_value(baseline)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         for key, value in (("alpha", alpha), ("kernel_width", kernel_width)):
             if (
                 isinstance(value, bool)

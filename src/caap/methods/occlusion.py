@@ -1,7 +1,7 @@
 """Occlusion (Zeiler and Fergus 2014) on patches, through Captum's `Occlusion`.
 
 A window of `window x window` patches, slid with a stride of `stride` patches, is replaced by the baseline
-colour (`baseline`, a pixel value in [0, 1]; 0 = black) and the drop of the target score (probability or
+colour (`baseline`, a pixel value in [0, 1]; 0 = black, `caap.references.check_pixel_value`) and the drop of the target score (probability or
 logit) is the attribution of the window's pixels (Captum averages over the windows covering a pixel). The
 pixel map is averaged over each patch's pixels, so with the default window = stride = 1 patch the map is
 exactly "score(image) - score(image with patch i set to the baseline)". Captum batches
@@ -14,15 +14,13 @@ from __future__ import annotations
 from captum.attr import Occlusion as CaptumOcclusion
 from torch import Tensor
 
-from caap.methods._hooks import SCORES, ScoreModel, check_choice, check_positive_int, pool_to_patches
 from caap.methods.base import AttributionMethod
+from caap.methods.option_checks import check_positive_int
+from caap.methods.patches import pool_to_patches
+from caap.methods.score_model import ScoreModel
 from caap.models.vit import ViTClassifier
-
-
-def check_baseline(baseline: float) -> float:
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not 0.0 <= baseline <= 1.0:
-        raise ValueError(f"method.baseline={baseline!r} must be a pixel value in [0, 1] (0 = black)")
-    return float(baseline)
+from caap.references import check_pixel_value
+from caap.scores import PROB_OR_LOGIT, check_score
 
 
 class Occlusion(AttributionMethod):
@@ -41,8 +39,8 @@ class Occlusion(AttributionMethod):
     ) -> None:
         self.window = check_positive_int("window", window)
         self.stride = check_positive_int("stride", stride)
-        self.baseline = check_baseline(baseline)
-        self.score = check_choice("score", score, SCORES)
+        self.baseline = check_pixel_value(baseline)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.perturbations_per_eval = check_positive_int("perturbations_per_eval", perturbations_per_eval)
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from caap.methods._hooks import (
-    HEAD_FUSIONS,
-    attention_readout,
-    capture_attention,
-    check_choice,
-    fuse_heads,
-    readout_rows,
-)
 from caap.methods.base import AttributionMethod
+from caap.methods.head_fusion import HEAD_FUSIONS, fuse_heads
+from caap.methods.option_checks import check_choice
+from caap.models.attention import attention_readout, capture_attention, readout_rows
 from caap.models.vit import ViTClassifier
 
 

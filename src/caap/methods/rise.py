@@ -25,16 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    check_choice,
-    check_positive_int,
-    check_probability,
-    pool_to_patches,
-    target_score,
-)
 from caap.methods.base import AttributionMethod
+from caap.methods.option_checks import check_positive_int, check_probability
+from caap.methods.patches import pool_to_patches
 from caap.models.vit import ViTClassifier
+from caap.scores import PROB_OR_LOGIT, check_score, target_score
 
 
 class RiseMasks:
@@ -84,7 +79,7 @@ class RISE(AttributionMethod):
         self.num_masks = check_positive_int("num_masks", num_masks)
         self.cell_size = check_positive_int("cell_size", cell_size)
         self.p = check_probability("p", p)
-        self.score = check_choice("score", score, SCORES)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.seed = int(seed)
 
@@ -101,7 +96,7 @@ class RISE(AttributionMethod):
             m = masks.build(idx, images.device).to(images.dtype)  # [n, H, W]
             x = (images[:, None] * m[None, :, None]).flatten(0, 1)  # [B*n, 3, H, W], image-major
             logits = model(x).float()
-            scores = target_score(model, logits, target.repeat_interleave(idx.numel()), self.score)
+            scores = target_score(logits, target.repeat_interleave(idx.numel()), self.score, model.multilabel)
             saliency += torch.einsum("bn,nhw->bhw", scores.reshape(b, -1), m.float())
             coverage += m.float().sum(0)
             score_sum += scores.reshape(b, -1).sum(1)

@@ -3,8 +3,8 @@
 `num_samples` random subsets of patch tokens are kept (each patch token kept independently with probability
 `keep_prob`; prefix tokens, CLS and registers, always kept); the others are removed by the token-removal
 engine's `mask` mode (`caap.token_removal`: hidden from every query by an attention key mask, patch pools over
-the kept tokens only). The attribution of patch i is the mean target score (probability or logit) of the
-samples that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
+the kept tokens only). The attribution of patch i is the mean target score (`prob` or `logit`, `caap.scores`)
+of the samples that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
 clusters and regresses; this is the plain, unguided, averaged form.
 
 Seeded: the subsets are a pure function of `seed` and the grid size, shared by every image (maps do not
@@ -16,15 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caap.methods._hooks import (
-    SCORES,
-    check_choice,
-    check_positive_int,
-    check_probability,
-    target_score,
-)
 from caap.methods.base import AttributionMethod
+from caap.methods.option_checks import check_positive_int, check_probability
 from caap.models.vit import ViTClassifier
+from caap.scores import PROB_OR_LOGIT, check_score, target_score
 from caap.token_removal import removal_logits
 
 
@@ -59,7 +54,7 @@ class TokenSampling(AttributionMethod):
     ) -> None:
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.keep_prob = check_probability("keep_prob", keep_prob)
-        self.score = check_choice("score", score, SCORES)
+        self.score = check_score(score, PROB_OR_LOGIT, key="method.score")
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.seed = int(seed)
 
@@ -81,7 +76,7 @@ class TokenSampling(AttributionMethod):
             rows = torch.arange(b, device=images.device).repeat_interleave(k)  # image-major
             logits = removal_logits(model, r0, kp.repeat(b, 1), rows, "mask", max_batch=b * k).float()
             scores[:, s : s + k] = target_score(
-                model, logits, target.repeat_interleave(k), self.score
+                logits, target.repeat_interleave(k), self.score, model.multilabel
             ).reshape(b, k)
         kf = keep.float()
         kept = scores @ kf / kf.sum(0).clamp_min(1.0)

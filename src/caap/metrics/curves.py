@@ -27,8 +27,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from caap.batch import AttributionBatch
 from caap.metrics.base import AttributionMetric
-from caap.metrics.functional.faithfulness import Outcomes, unperturbed_outcomes
+from caap.metrics.functional.faithfulness import unperturbed_outcomes
 from caap.models.vit import ViTClassifier
+from caap.scores import Outcomes
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ from caap.metrics.curves import CurveMetric, setting_key
 from caap.metrics.functional.faithfulness import (
     ORDERS,
     REMOVALS,
+    REPLACE_BASELINES,
     check_ratios,
     check_removal,
-    check_replace_baseline,
-    check_score,
     higher_is_better,
     removal_axis,
-    score_curves,
     token_removal_outcomes,
 )
+from caap.references import build_token_reference
+from caap.scores import CURVE_SCORES, check_score, score_curves
 
 _LIVE: dict[int, weakref.ref] = {}
 """Live token-faithfulness metrics by id: which orders each perturbation setting needs."""
@@ -66,13 +66,14 @@ class _TokenFaithfulness(CurveMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        self.score_kind = check_score(score)
+        self.score_kind = check_score(score, CURVE_SCORES)
         self.ratios = check_ratios(ratios)
         if removal not in REMOVALS:
             raise ValueError(f"{self.name}: removal='{removal}' is not supported; allowed: {list(REMOVALS)}")
         self.removal = removal
         if removal == "replace":
-            check_replace_baseline(baseline if isinstance(baseline, str) else _plain_dict(baseline))
+            plain = baseline if isinstance(baseline, str) else _plain_dict(baseline)
+            build_token_reference(plain, "baseline", REPLACE_BASELINES)
         self.baseline = setting_key(baseline) if not isinstance(baseline, str) else baseline
         if int(max_batch) < 1:
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
@@ -149,7 +150,8 @@ class MIF(_TokenFaithfulness):
         score: 'prob' (default), 'logit', 'top1', 'aopc' or 'log_odds' (see `functional.faithfulness`).
         ratios: removal ratios in (0, 1] (default 0.1, ..., 0.9); the curve starts at the unmasked end 0.
         removal: 'drop' (tokens leave the sequence, LibraGrad) or 'replace' (by `baseline`'s tokens).
-        baseline: for removal=replace: 'black', 'mean_color', 'blur' (or `{kind: blur, sigma: 5}`), 'zero'.
+        baseline: for removal=replace: 'black', 'mean_color', 'blur' (or `{kind: blur, sigma: 5}`),
+            'zero_tokens' (`caap.references`).
         max_batch: most sequences per forward pass.
 
     Lower is better for prob / logit / top1, higher for aopc / log_odds (`higher_is_better`).

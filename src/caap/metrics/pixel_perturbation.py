@@ -17,25 +17,23 @@ from torch import Tensor
 from caap.batch import AttributionBatch
 from caap.metrics.curves import CurveMetric, setting_key
 from caap.metrics.functional.pixel_perturbation import (
-    PIXEL_BASELINES,
     RISE_BLUR,
     UPSAMPLING,
-    pixel_curves,
     pixel_perturbation_outcomes,
+    pixel_reference,
 )
+from caap.scores import POINT_SCORES, check_score, curve_values
 
 
 def default_max_batch(device: torch.device) -> int:
-    """Images per forward of the pixel paths when `max_batch` is null: 32 on a CPU, 256 on an accelerator.
-
-    Large batches fall out of the CPU caches (slower per image), while accelerators need them to be busy.
-    """
+    """Images per forward of the pixel paths when `max_batch` is null: 32 on a CPU (activations of large
+    batches fall out of the CPU caches), 256 on an accelerator (which needs large batches to be busy)."""
     return 32 if device.type == "cpu" else 256
 
 
 class _PixelPerturbation(CurveMetric):
     mode: str = "deletion"
-    default_baseline: Any = "zero"
+    default_baseline: Any = "mean_color"
 
     def __init__(
         self,
@@ -48,10 +46,7 @@ class _PixelPerturbation(CurveMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        if score not in ("prob", "logit", "top1"):
-            raise ValueError(
-                f"{self.name}: score='{score}' is not supported; allowed: ['prob', 'logit', 'top1']"
-            )
+        check_score(score, POINT_SCORES, key=f"{self.name}: score")
         if steps is not None and int(steps) < 1:
             raise ValueError(
                 f"{self.name}: steps must be a positive integer or null (= image height), got {steps}"
@@ -61,11 +56,9 @@ class _PixelPerturbation(CurveMetric):
                 f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
             )
         baseline = self.default_baseline if baseline is None else setting_key(baseline)
-        kind = baseline if isinstance(baseline, str) else dict(baseline).get("kind")
-        if kind not in PIXEL_BASELINES:
-            raise ValueError(
-                f"{self.name}: baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}"
-            )
+        pixel_reference(
+            baseline if isinstance(baseline, str) else dict(baseline)
+        )  # a bad baseline fails here
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(
                 f"{self.name}: max_batch must be positive or null (= by device), got {max_batch}"
@@ -104,7 +97,7 @@ class _PixelPerturbation(CurveMetric):
                 full=self.unperturbed(batch, vit),
             ),
         )
-        return pixel_curves(outcomes, self.score_kind)
+        return curve_values(outcomes, self.score_kind)
 
 
 class PixelDeletion(_PixelPerturbation):
@@ -113,7 +106,8 @@ class PixelDeletion(_PixelPerturbation):
     Args:
         score: 'prob' (default), 'logit' or 'top1'.
         steps: K steps of H*W/K pixels; null = the image height (RISE: W pixels a step).
-        baseline: 'zero' (default: normalised zero), 'black', 'mean_color', 'blur' or `{kind: blur, sigma, kernel_size}`.
+        baseline: 'mean_color' (default: the model's mean colour, a zero input after normalisation), 'black',
+            'blur' or `{kind: blur, sigma, kernel_size}` (`caap.references`).
         upsample: 'bilinear' (default) or 'nearest' (whole patches in map order).
         max_batch: most images per forward pass; null = `default_max_batch` of the device.
 
@@ -121,7 +115,7 @@ class PixelDeletion(_PixelPerturbation):
     """
 
     mode = "deletion"
-    default_baseline = "zero"
+    default_baseline = "mean_color"
     higher_is_better = False
 
 

@@ -20,21 +20,15 @@ import torch
 from timm.data import resolve_model_data_config
 
 import caap.models.fashiongrid  # noqa: F401  (registers vit_fashiongrid_patch7_56 with timm)
-from caap.data.imagenet import imagenet_class_names
+from caap.models.attention import set_fused_attn
 from caap.models.heads import ZeroShotHead, clip_text_embeddings, dinov2_linear_head
+from caap.models.imagenet_classes import imagenet_class_names
 from caap.models.vit import ViTClassifier
 
 HEADS = ("timm", "dinov2_linear", "clip_zeroshot")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
 log = logging.getLogger(__name__)
-
-
-def set_fused_attn(model: torch.nn.Module, enabled: bool) -> None:
-    """Switch every timm attention module of `model` between fused SDPA and the explicit softmax(QK^T)V."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
 
 
 def build_model(

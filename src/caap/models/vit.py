@@ -2,7 +2,7 @@
 
 `ViTClassifier` wraps a timm token model and takes images in pixel space `[B, 3, H, W]` with values in [0, 1];
 the model's own normalisation (mean, std from timm's data config) happens inside, so that neutral images,
-blurs and masks are all defined in pixel space. The residual stream is indexed as follows: `r_0` = token
+blurs and masks are all defined in pixel space. The residual stream is indexed from the embeddings: `r_0` = token
 embeddings (after patch embed, prefix tokens, position embedding, pre-norm), `r_j` = output of block j-1,
 `r_L` = output of the last block; tokens are `num_prefix_tokens` prefix tokens (CLS, registers, distillation)
 followed by the `gh * gw` patch tokens.
@@ -34,6 +34,8 @@ from timm.models.eva import Eva
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+
+from caap.scores import class_scores
 
 POOLINGS = ("token", "distilled", "avg", "max", "avgmax", "token+avg")
 PATCH_POOLS = ("avg", "max", "avgmax")
@@ -69,7 +71,7 @@ class RopeBlock(nn.Module):
 
 
 class ViTClassifier(nn.Module):
-    """A timm ViT / EVA / MLP-Mixer with pixel-space input and the residual-stream surface (module docstring).
+    """A timm ViT / EVA / MLP-Mixer with pixel-space input and the residual-stream surface of the module docstring.
 
     Args:
         model: a timm `VisionTransformer` (or subclass such as DeiT's distilled model), `Eva` or `MlpMixer`.
@@ -358,12 +360,34 @@ class ViTClassifier(nn.Module):
         return self.head(self.forward_blocks(self.embed(images)))
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        """Class probabilities: sigmoid for a multi-label head, softmax otherwise."""
-        return logits.sigmoid() if self.multilabel else logits.softmax(-1)
+        """Class probabilities `[B, C]`: sigmoid for a multi-label head, softmax otherwise (`caap.scores`)."""
+        return class_scores(logits, "prob", self.multilabel)
 
     def patch_tokens(self, x: Tensor) -> Tensor:
         """The patch tokens `[B, N, D]` of a residual `[B, T, D]`."""
         return x[:, self.num_prefix_tokens :]
+
+    # -- the modules, for methods that hook or re-initialise them ---------------------------------------
+    def modules_after_embedding(self) -> list[nn.Module]:
+        """The parts of the network after `r_0`: the blocks, the final norm, fc_norm, timm's head and the
+        replacing classifier (those that exist); what gradient rules and bias terms range over."""
+        m = self.model
+        parts = [m.blocks] + [getattr(m, n) for n in ("norm", "fc_norm", "head") if hasattr(m, n)]
+        if isinstance(self.classifier, nn.Module):
+            parts.append(self.classifier)
+        return parts
+
+    def head_modules(self) -> list[nn.Module]:
+        """The head after the last block: final norm, fc_norm and timm's classifier (those that exist)."""
+        m = self.model
+        return [mod for mod in (m.norm, getattr(m, "fc_norm", None), m.head) if isinstance(mod, nn.Module)]
+
+    def token_mixing_modules(self) -> set[nn.Module]:
+        """The layers of MLP-Mixer token-mixing MLPs (`mlp_tokens`, acting on `[B, D, tokens]`); empty for
+        attention models."""
+        return {
+            m for block in self.model.blocks for m in getattr(block, "mlp_tokens", nn.Identity()).modules()
+        }
 
 
 def _mean_or_zero(x: Tensor) -> Tensor:

@@ -2,52 +2,33 @@
 
 Patches are ranked by signed attribution (`caap.token_removal.patch_ranking`, ties by position); at each ratio
 r the `round(r * N)` highest-ranked (MIF) or lowest-ranked (LIF) are removed by the token-removal engine
-(`removal`: `drop` as in LibraGrad, or `replace` by a baseline's tokens; prefix tokens are kept). A curve
-`[P, K + 1]` holds the target's score (`SCORES`) at the unmasked end r = 0 (one plain forward) and after each
-ratio; a map with a non-finite entry has no ranking and gives a NaN curve. Every (pair, order, ratio) of a
-batch runs through one engine call, so both orders share their batches.
+(`removal`: `drop` as in LibraGrad, or `replace` by a token reference of `caap.references`; prefix tokens are
+kept). A curve `[P, K + 1]` holds the target's score (`caap.scores.CURVE_SCORES`) at the unmasked end r = 0
+(one plain forward) and after each ratio; a map with a non-finite entry has no ranking and gives a NaN curve.
+Every (pair, order, ratio) of a batch runs through one engine call, so both orders share their batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from caap.models.vit import ViTClassifier
+from caap.references import ZERO_TOKENS, build_token_reference, reference_tokens
+from caap.scores import CURVE_SCORES, DROP_SCORES, Outcomes, check_score, score_curves, target_outcomes
 from caap.token_removal import check_removal as check_model_removal
 from caap.token_removal import patch_ranks, removal_logits
 
 Order = Literal["mif", "lif"]
 ORDERS: tuple[str, ...] = ("mif", "lif")
-SCORES: tuple[str, ...] = ("prob", "logit", "top1", "aopc", "log_odds")
-DROP_SCORES: tuple[str, ...] = ("aopc", "log_odds")
-"""Scores measured as a drop from the unperturbed value: their better direction is flipped."""
 REMOVALS: tuple[str, ...] = ("drop", "replace")
-REPLACE_BASELINES: tuple[str, ...] = ("black", "mean_color", "mean", "blur", "zero")
-"""`mean` = `mean_color` with the model's normalisation mean (a zero input after normalisation)."""
+REPLACE_BASELINES: tuple[str, ...] = ("black", "mean_color", "blur", ZERO_TOKENS)
+"""The token references `removal=replace` accepts (`caap.references`)."""
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 10))
 """0.1, ..., 0.9: LibraGrad's removal ratios; the unmasked end 0 is added by `removal_axis`."""
-
-
-class Outcomes(NamedTuple):
-    """What a forward pass says about the target class, one entry per row: `logit`, `logprob` (log-sigmoid for
-    multi-label heads, log-softmax otherwise) and `top1` (1.0 where the target is the arg-max class)."""
-
-    logit: Tensor
-    logprob: Tensor
-    top1: Tensor
-
-    def reshape(self, *shape: int) -> Outcomes:
-        return Outcomes(*(t.reshape(*shape) for t in self))
-
-
-def check_score(score: str) -> str:
-    if score not in SCORES:
-        raise ValueError(f"score='{score}' is not a faithfulness score; allowed: {list(SCORES)}")
-    return score
 
 
 def check_ratios(ratios: Sequence[float] | Tensor | None) -> Tensor:
@@ -82,40 +63,9 @@ def removal_counts(n: int, ratios: Sequence[float] | Tensor | None) -> list[int]
     return [round(float(x) * n) for x in check_ratios(ratios)]
 
 
-def outcomes_from_logits(model: ViTClassifier, logits: Tensor, classes: Tensor) -> Outcomes:
-    """`Outcomes` `[B]` of logits `[B, C]` for target `classes` `[B]`."""
-    logits = logits.float()
-    idx = classes.long()[:, None]
-    logp = torch.nn.functional.logsigmoid(logits) if model.multilabel else logits.log_softmax(-1)
-    top = logits.argmax(-1) == classes.long()
-    return Outcomes(logits.gather(1, idx)[:, 0], logp.gather(1, idx)[:, 0], top.float())
-
-
-def score_curves(full: Outcomes, perturbed: Outcomes, score: str) -> Tensor:
-    """Curves `[P, K + 1]` of `score` from the unperturbed `full` `[P]` and the `perturbed` `[P, K]` outcomes.
-
-    Column 0 is the unmasked end: the unperturbed value, or 0 for the drop scores `aopc` / `log_odds`.
-    """
-    check_score(score)
-    if score == "logit":
-        first, rest = full.logit, perturbed.logit
-    elif score == "top1":
-        first, rest = full.top1, perturbed.top1
-    elif score == "prob":
-        first, rest = full.logprob.exp(), perturbed.logprob.exp()
-    elif score == "aopc":
-        p0 = full.logprob.exp()
-        first, rest = torch.zeros_like(p0), p0[:, None] - perturbed.logprob.exp()
-    else:  # log_odds
-        first, rest = torch.zeros_like(full.logprob), full.logprob[:, None] - perturbed.logprob
-    undefined = rest.isnan().any(1)  # a map without a ranking: the whole curve is undefined
-    first = torch.where(undefined, torch.full_like(first, float("nan")), first)
-    return torch.cat([first[:, None], rest], dim=1)
-
-
 def higher_is_better(order: str, score: str) -> bool:
     """Whether a larger area is better for `order` in mif / lif / srg (SRG = LIF - MIF) and `score`."""
-    check_score(score)
+    check_score(score, CURVE_SCORES)
     if order not in (*ORDERS, "srg"):
         raise ValueError(f"order must be 'mif', 'lif' or 'srg', got '{order}'")
     plain = order != "mif"  # LIF and SRG: a larger probability / logit / accuracy is better
@@ -128,38 +78,6 @@ def check_removal(model: ViTClassifier, removal: str) -> None:
         raise ValueError(f"removal='{removal}' is not supported; allowed: {list(REMOVALS)}")
     hint = "; use removal=replace (tokens replaced by a neutral or blurred image's tokens)"
     check_model_removal(model, removal, "token removal (removal=drop)", hint)
-
-
-def check_replace_baseline(baseline: str | Mapping[str, Any]) -> Any:
-    """The `NeutralContext` of a replacement `baseline` (None for `zero`); a clear error for anything else."""
-    from caap.methods.neutral import build_neutral  # local: methods import metrics helpers
-
-    options = {"kind": baseline} if isinstance(baseline, str) else dict(baseline)
-    kind = options.get("kind")
-    if kind not in REPLACE_BASELINES:
-        raise ValueError(
-            f"replace baseline {baseline!r} is not supported; allowed kinds: {list(REPLACE_BASELINES)}"
-        )
-    if kind == "zero":
-        return None
-    if kind == "mean":
-        options["kind"] = "mean_color"
-    return build_neutral(options)
-
-
-def replacement_tokens(model: ViTClassifier, images: Tensor, baseline: str | Mapping[str, Any]) -> Tensor:
-    """Baseline token embeddings `[P, T, D]` for `removal=replace`.
-
-    `baseline`: `zero` (all-zero tokens), or a neutral image (`black`, `mean_color` with optional `rgb`, `blur`
-    with `sigma` / `kernel_size`, as `caap.methods.neutral.build_neutral` takes them) whose `r_0` is used.
-    """
-    neutral = check_replace_baseline(baseline)
-    if neutral is None:  # zero tokens
-        r0 = model.embed(images[:1])
-        return r0.new_zeros(images.shape[0], *r0.shape[1:])
-    base = neutral.images(images, model)  # [1, 1 | P, 3, H, W]
-    base = base[0].expand(images.shape[0], *images.shape[1:])
-    return model.embed(base.to(images.dtype))
 
 
 def keep_masks(rank: Tensor, keys: Sequence[tuple[str, int]]) -> Tensor:
@@ -191,7 +109,7 @@ def token_removal_outcomes(
         ratios: K removal ratios in (0, 1]; default 0.1, ..., 0.9.
         orders: which of 'mif' / 'lif' to compute; they share the batches.
         removal: 'drop' (tokens leave the sequence) or 'replace' (tokens replaced by `baseline`'s).
-        baseline: for 'replace': 'black', 'mean' / 'mean_color', 'blur' (or a mapping with options) or 'zero'.
+        baseline: for 'replace': 'black', 'mean_color', 'blur' (or a mapping with options) or 'zero_tokens'.
         max_batch: most sequences per forward pass.
 
     Returns:
@@ -220,9 +138,12 @@ def token_removal_outcomes(
     keep = keep_masks(rank, [(o, counts[step]) for o, step in keys])  # [len(keys) * P, N]
     rows = torch.arange(p, device=device).repeat(len(keys))
     r0 = model.embed(images)  # [P, T, D]
-    base = replacement_tokens(model, images, baseline) if removal == "replace" else None
+    base = None
+    if removal == "replace":
+        reference = build_token_reference(baseline, "baseline", REPLACE_BASELINES)
+        base = reference_tokens(model, images, reference)  # [P, T, D]
     logits = removal_logits(model, r0, keep, rows, removal, base, max_batch)  # type: ignore[arg-type]
-    res = outcomes_from_logits(model, logits, classes[rows]).reshape(len(keys), p)
+    res = target_outcomes(logits, classes[rows], model.multilabel).reshape(len(keys), p)
     out = {o: Outcomes(*(torch.empty(p, k, device=device) for _ in range(3))) for o in orders}
     for i, (o, step) in enumerate(keys):
         for dst, src in zip(out[o], res, strict=True):
@@ -239,7 +160,7 @@ def token_removal_outcomes(
 def unperturbed_outcomes(model: ViTClassifier, images: Tensor, classes: Tensor) -> Outcomes:
     """Outcomes `[P]` of the plain forward pass (the unmasked end of every curve)."""
     device = next(model.parameters()).device
-    return outcomes_from_logits(model, model(images.to(device)), classes.to(device))
+    return target_outcomes(model(images.to(device)), classes.to(device), model.multilabel)
 
 
 def faithfulness_curves(
@@ -256,7 +177,7 @@ def faithfulness_curves(
 ) -> Tensor:
     """Curves `[P, K + 1]` of `score` for `order` in mif / lif / srg (SRG: LIF curve minus MIF curve) over
     `removal_axis(ratios)`; one call computes what it needs (the metrics share this work through a cache)."""
-    check_score(score)
+    check_score(score, CURVE_SCORES)
     check_removal(model, removal)  # before any forward pass
     needed = ORDERS if order == "srg" else (order,)
     full = unperturbed_outcomes(model, images, classes)

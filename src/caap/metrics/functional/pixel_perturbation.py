@@ -5,8 +5,8 @@ patches) and the pixels are ranked by it (stable descending sort, ties by row-ma
 steps, `round(k * H * W / K)` pixels are changed at step k (k = 0..K; Petsiuk et al. change W pixels a
 step, i.e. K = H, the default here):
 
-- deletion: start from the image and replace the top-ranked pixels by the baseline (`zero`: a zero input
-  after normalisation, i.e. the model's mean colour, as in the RISE code). A faithful map drops the score
+- deletion: start from the image and replace the top-ranked pixels by the baseline (`mean_color`: the
+  model's mean colour, i.e. a zero input after normalisation, as in the RISE code). A faithful map drops the score
   fast: lower area is better.
 - insertion: start from the baseline (`blur`: Gaussian blur, kernel 11, sigma 5, the RISE code's
   `gkern(11, 5)`) and put back the top-ranked pixels of the image. Higher area is better.
@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from caap.metrics.functional.faithfulness import Outcomes, outcomes_from_logits
 from caap.models.vit import ViTClassifier
+from caap.references import ReferenceImage, build_reference
+from caap.scores import Outcomes, target_outcomes
 
 PIXEL_MODES: tuple[str, ...] = ("deletion", "insertion")
-PIXEL_BASELINES: tuple[str, ...] = ("zero", "mean", "black", "mean_color", "blur")
+PIXEL_BASELINES: tuple[str, ...] = ("black", "mean_color", "blur")
+"""The reference images the pixel paths accept (`caap.references`)."""
 UPSAMPLING: tuple[str, ...] = ("bilinear", "nearest")
 RISE_BLUR: dict[str, Any] = {"kind": "blur", "sigma": 5.0, "kernel_size": 11}
 
@@ -59,20 +61,19 @@ def step_counts(num_pixels: int, steps: int) -> list[int]:
     return [round(k * num_pixels / steps) for k in range(steps + 1)]
 
 
-def baseline_images(model: ViTClassifier, images: Tensor, baseline: str | Mapping[str, Any]) -> Tensor:
-    """Baseline images `[P, 3, H, W]`: `zero` (normalised zero = the model's mean colour), `black`,
-    `mean_color` (optional `rgb`) or `blur` (optional `sigma`, `kernel_size`; default RISE's 11 / 5)."""
-    from caap.methods.neutral import build_neutral  # local: methods import metrics helpers
-
+def pixel_reference(baseline: str | Mapping[str, Any]) -> ReferenceImage:
+    """The reference image of a pixel-path `baseline`: `black`, `mean_color` (optional `rgb`; default the
+    model's mean colour, a zero input after normalisation) or `blur` (optional `sigma`, `kernel_size`; default
+    RISE's 11 / 5)."""
     options = {"kind": baseline} if isinstance(baseline, str) else dict(baseline)
-    kind = options.get("kind")
-    if kind not in PIXEL_BASELINES:
-        raise ValueError(f"baseline {baseline!r} is not supported; allowed kinds: {list(PIXEL_BASELINES)}")
-    if kind in ("zero", "mean"):  # a zero input after normalisation = the model's mean colour
-        options = {"kind": "mean_color"}
-    elif kind == "blur":
+    if options.get("kind") == "blur":
         options = {**RISE_BLUR, **options}
-    base = build_neutral(options).images(images, model)[0]  # [1 | P, 3, H, W]
+    return build_reference(options, "baseline", PIXEL_BASELINES)
+
+
+def baseline_images(model: ViTClassifier, images: Tensor, baseline: str | Mapping[str, Any]) -> Tensor:
+    """Baseline images `[P, 3, H, W]` of `pixel_reference(baseline)` for images `[P, 3, H, W]`."""
+    base = pixel_reference(baseline).images(images, model)[0]  # [1 | P, 3, H, W]
     return base.expand_as(images).to(images.dtype)
 
 
@@ -83,7 +84,7 @@ def pixel_perturbation_outcomes(
     maps: Tensor,
     classes: Tensor,
     mode: str = "deletion",
-    baseline: str | Mapping[str, Any] = "zero",
+    baseline: str | Mapping[str, Any] = "mean_color",
     steps: int | None = None,
     upsample: str = "bilinear",
     max_batch: int = 256,
@@ -107,7 +108,7 @@ def pixel_perturbation_outcomes(
     k = h if steps is None else int(steps)
     counts = step_counts(h * w, k)
     if full is None:
-        full = outcomes_from_logits(model, model(images), classes)
+        full = target_outcomes(model(images), classes, model.multilabel)
     res = Outcomes(*(torch.full((p, k + 1), float("nan"), device=device) for _ in range(3)))
     image_end = 0 if mode == "deletion" else k
     for dst, src in zip(res, full, strict=True):
@@ -128,21 +129,8 @@ def pixel_perturbation_outcomes(
             x = torch.where(changed, flat_base[rp], flat_img[rp])
         else:
             x = torch.where(changed, flat_img[rp], flat_base[rp])
-        out = outcomes_from_logits(model, model(x.reshape(-1, 3, h, w)), classes[rp])
+        out = target_outcomes(model(x.reshape(-1, 3, h, w)), classes[rp], model.multilabel)
         for dst, src in zip(res, out, strict=True):
             dst[rp, rs] = src
     finite = torch.isfinite(maps.reshape(p, -1)).all(1)[:, None]
     return Outcomes(*(torch.where(finite, t, torch.full_like(t, float("nan"))) for t in res))
-
-
-def pixel_curves(outcomes: Outcomes, score: str = "prob") -> Tensor:
-    """Curves `[P, K + 1]` of `score` in prob / logit / top1 from pixel-path `outcomes`."""
-    if score == "prob":
-        return outcomes.logprob.exp()
-    if score == "logit":
-        return outcomes.logit
-    if score == "top1":
-        return outcomes.top1
-    raise ValueError(
-        f"score='{score}' is not supported for pixel deletion / insertion; allowed: prob, logit, top1"
-    )

@@ -5,9 +5,8 @@ L-1, ..., 0 are re-initialised one after the other (cumulatively), and the maps 
 are compared with the original maps by Spearman rank correlation (and SSIM). A method whose maps depend on
 what the model learned must lose similarity as the cascade proceeds.
 
-The re-initialisation uses timm's own ViT init (`init_weights_vit_timm`: truncated normal std 0.02 for Linear
-weights, zero biases, `reset_parameters` / `init_weights` for norms, LayerScale and the like) on a *deep copy*
-of the model: the evaluated model is never touched. Each stage is seeded (`seed + stage`), so a stage's
+The re-initialisation uses timm's own ViT init (`caap.models.reinitialise`) on a *deep copy* of the model:
+the evaluated model is never touched. Each stage is seeded (`seed + stage`), so a stage's
 weights are the same in every batch and on every rank.
 """
 
@@ -18,29 +17,17 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.models import named_apply
-from timm.models.vision_transformer import init_weights_vit_timm
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from caap.models.reinitialise import reinitialise
 from caap.models.vit import ViTClassifier
 
 
 def cascade_stages(depth: int) -> list[str]:
     """Stage names of the cascade for a `depth`-block ViT, top first: 'head', 'block{L-1}', ..., 'block0'."""
     return ["head", *(f"block{j}" for j in range(depth - 1, -1, -1))]
-
-
-def _head_modules(model: ViTClassifier) -> list[nn.Module]:
-    """The head of a timm ViT: final norm, fc_norm and classifier (those that exist)."""
-    m = model.model
-    return [mod for mod in (m.norm, m.fc_norm, m.head) if isinstance(mod, nn.Module)]
-
-
-def reinitialise(module: nn.Module) -> None:
-    """Re-initialise every parameter of `module` with timm's ViT init (in place)."""
-    named_apply(init_weights_vit_timm, module, include_root=True)
 
 
 @torch.no_grad()
@@ -70,7 +57,7 @@ def cascading_randomisation(
     for s, name in enumerate(names[:n]):
         if not cumulative and (s > 0 or control):
             copy_ = copy.deepcopy(model)
-        targets = _head_modules(copy_) if name == "head" else [copy_.blocks[int(name[len("block") :])]]
+        targets = copy_.head_modules() if name == "head" else [copy_.blocks[int(name[len("block") :])]]
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + s)
             for target in targets:

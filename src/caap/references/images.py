@@ -1,15 +1,14 @@
-"""Neutral contexts for CAAP (arXiv 2603.13652): the images whose residual stream receives the patched tokens.
+"""Reference images in pixel space (`[.., 3, H, W]`, values in [0, 1], normalised by the model inside): CAAP's
+neutral contexts and the baselines of the perturbation metrics.
 
-Every neutral context is defined in pixel space (`[.., 3, H, W]`, values in [0, 1]), like the images being
-explained, and `ViTClassifier` normalises it inside. `images(source, model)` returns `[S, B or 1, 3, H, W]`:
-S samples (several only for noise, whose maps CAAP averages) and a batch dimension of B when the context
-depends on the source image (blur) or 1 when it does not (then CAAP computes its residual prefix once for the
-whole run).
+`images(source, model)` returns `[S, B or 1, 3, H, W]`: S samples (several only for noise, whose maps CAAP
+averages) and a batch dimension of B when the reference depends on the source image (blur) or 1 when it does
+not (then CAAP computes its residual prefix once for the whole run).
 
-Kinds (`neutral.kind`): `black`, `mean_color` (a constant colour: the model's normalisation mean or `rgb`),
-`blur` (Gaussian blur of the source, `sigma` in pixels), `noise` (Gaussian or uniform, `seed`, `num_samples`),
-`image` (a fixed image file resized to the input size), `dataset_mean` (the mean image of a dataset, from
-`prepare(dataset_or_loader, max_images)` or a saved tensor file).
+Kinds (`kind`): `black`, `mean_color` (a constant colour: `rgb`, or the model's normalisation mean, i.e. a
+zero input after normalisation), `blur` (Gaussian blur of the source, `sigma` in pixels), `noise` (Gaussian or
+uniform, `seed`, `num_samples`), `image` (a fixed image file resized to the input size), `dataset_mean` (the
+mean image of a dataset, from `prepare(dataset_or_loader, max_images)` or a saved tensor file).
 """
 
 from __future__ import annotations
@@ -26,13 +25,13 @@ from torch import Tensor
 
 from caap.models.vit import ViTClassifier
 
-NEUTRAL_KINDS = ("black", "mean_color", "blur", "noise", "image", "dataset_mean")
+IMAGE_KINDS = ("black", "mean_color", "blur", "noise", "image", "dataset_mean")
 NOISE_DISTRIBUTIONS = ("gaussian", "uniform")
 
 
 def _check_source(source: Tensor) -> None:
     if source.ndim != 4 or source.shape[1] != 3:
-        raise ValueError(f"neutral: expected source images [B, 3, H, W], got {tuple(source.shape)}")
+        raise ValueError(f"reference images: expected source images [B, 3, H, W], got {tuple(source.shape)}")
 
 
 def _rgb(value: float | Sequence[float], key: str) -> tuple[float, float, float]:
@@ -51,23 +50,24 @@ def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-class NeutralContext(ABC):
-    """A neutral context: pixel-space images whose residual stream receives the patched source tokens.
+class ReferenceImage(ABC):
+    """Pixel-space reference images for source images: what CAAP patches into, what metrics perturb towards.
 
     Attributes:
-        kind: the config name of the context.
-        depends_on_image: whether the images depend on the source image (then the neutral prefix is
-            recomputed per batch; otherwise it is computed once per run and cached).
-        num_samples: S, the number of neutral samples; CAAP averages its maps over them.
+        kind: the config name of the reference.
+        depends_on_image: whether the images depend on the source image (then CAAP recomputes its neutral
+            prefix per batch; otherwise it is computed once per run and cached).
+        num_samples: S, the number of samples; CAAP averages its maps over them.
     """
 
-    kind: str = "neutral"
+    kind: str = "reference"
+    _key: str = "neutral"  # the config entry that holds this reference (`neutral`, `baseline`), for messages
     depends_on_image: bool = False
     num_samples: int = 1
 
     @abstractmethod
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
-        """Neutral images `[S, B or 1, 3, H, W]` (pixel space, [0, 1]) for source images `[B, 3, H, W]`.
+        """Reference images `[S, B or 1, 3, H, W]` (pixel space, [0, 1]) for source images `[B, 3, H, W]`.
 
         The batch dimension is B when `depends_on_image`, else 1. Dtype and device follow `source`.
         """
@@ -89,10 +89,13 @@ class NeutralContext(ABC):
         return f"{type(self).__name__}({fields})"
 
 
-class BlackNeutral(NeutralContext):
+class BlackImage(ReferenceImage):
     """All-zero (black) images `[1, 1, 3, H, W]`; the blank FashionGrid canvas, an in-distribution context."""
 
     kind = "black"
+
+    def __init__(self, *, key: str = "neutral") -> None:
+        self._key = key
 
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
         _check_source(source)
@@ -102,7 +105,7 @@ class BlackNeutral(NeutralContext):
         return ("black",)
 
 
-class MeanColorNeutral(NeutralContext):
+class MeanColorImage(ReferenceImage):
     """A constant colour `[1, 1, 3, H, W]`: `rgb` if given, else the model's normalisation mean (`model.mean`).
 
     Args:
@@ -112,8 +115,9 @@ class MeanColorNeutral(NeutralContext):
 
     kind = "mean_color"
 
-    def __init__(self, rgb: float | Sequence[float] | None = None) -> None:
-        self.rgb = None if rgb is None else _rgb(rgb, "neutral.rgb")
+    def __init__(self, rgb: float | Sequence[float] | None = None, *, key: str = "neutral") -> None:
+        self._key = key
+        self.rgb = None if rgb is None else _rgb(rgb, f"{key}.rgb")
 
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
         _check_source(source)
@@ -137,7 +141,7 @@ def gaussian_blur(images: Tensor, sigma: float, kernel_size: int | None = None) 
     if kernel_size is None:
         kernel_size = 2 * math.ceil(3 * sigma) + 1
     if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"neutral.kernel_size={kernel_size} must be a positive odd integer")
+        raise ValueError(f"kernel_size={kernel_size} must be a positive odd integer")
     half = kernel_size // 2
     coords = torch.arange(kernel_size, device=images.device, dtype=torch.float32) - half
     kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
@@ -148,7 +152,7 @@ def gaussian_blur(images: Tensor, sigma: float, kernel_size: int | None = None) 
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
 
 
-class BlurNeutral(NeutralContext):
+class BlurredImage(ReferenceImage):
     """A Gaussian blur of each source image: `[1, B, 3, H, W]`; depends on the image.
 
     Args:
@@ -159,11 +163,12 @@ class BlurNeutral(NeutralContext):
     kind = "blur"
     depends_on_image = True
 
-    def __init__(self, sigma: float = 5.0, kernel_size: int | None = None) -> None:
+    def __init__(self, sigma: float = 5.0, kernel_size: int | None = None, *, key: str = "neutral") -> None:
+        self._key = key
         if not sigma > 0:
-            raise ValueError(f"neutral.sigma={sigma!r} must be > 0 (pixels)")
+            raise ValueError(f"{key}.sigma={sigma!r} must be > 0 (pixels)")
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 != 1):
-            raise ValueError(f"neutral.kernel_size={kernel_size} must be a positive odd integer")
+            raise ValueError(f"{key}.kernel_size={kernel_size} must be a positive odd integer")
         self.sigma = float(sigma)
         self.kernel_size = kernel_size
 
@@ -175,7 +180,7 @@ class BlurNeutral(NeutralContext):
         return ("blur", self.sigma, self.kernel_size)
 
 
-class NoiseNeutral(NeutralContext):
+class NoiseImages(ReferenceImage):
     """Noise images `[S, 1, 3, H, W]` drawn from a seeded generator (reproducible, the same for every batch).
 
     Args:
@@ -195,16 +200,19 @@ class NoiseNeutral(NeutralContext):
         std: float | Sequence[float] | None = None,
         seed: int = 0,
         num_samples: int = 1,
+        *,
+        key: str = "neutral",
     ) -> None:
+        self._key = key
         if distribution not in NOISE_DISTRIBUTIONS:
             raise ValueError(
-                f"neutral.distribution={distribution!r} is not supported; allowed: {list(NOISE_DISTRIBUTIONS)}"
+                f"{key}.distribution={distribution!r} is not supported; allowed: {list(NOISE_DISTRIBUTIONS)}"
             )
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"neutral.num_samples={num_samples!r} must be an integer >= 1")
+            raise ValueError(f"{key}.num_samples={num_samples!r} must be an integer >= 1")
         self.distribution = distribution
-        self.mean = None if mean is None else _rgb(mean, "neutral.mean")
-        self.std = None if std is None else _rgb(std, "neutral.std")
+        self.mean = None if mean is None else _rgb(mean, f"{key}.mean")
+        self.std = None if std is None else _rgb(std, f"{key}.std")
         self.seed = int(seed)
         self.num_samples = num_samples
 
@@ -234,7 +242,7 @@ def _load_rgb_image(path: Path) -> Tensor:
         return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).float().div_(255.0)
 
 
-class ImageNeutral(NeutralContext):
+class FileImage(ReferenceImage):
     """A fixed image file (any format PIL reads), converted to RGB and resized to the input size: `[1, 1, 3, H, W]`.
 
     Args:
@@ -243,13 +251,14 @@ class ImageNeutral(NeutralContext):
 
     kind = "image"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, key: str = "neutral") -> None:
+        self._key = key
         if path is None:
-            raise ValueError("neutral.path is required for neutral.kind='image' (an image file)")
+            raise ValueError(f"{key}.path is required for {key}.kind='image' (an image file)")
         self.path = str(path)
         resolved = Path(self.path).expanduser()
         if not resolved.is_file():
-            raise FileNotFoundError(f"neutral.path='{self.path}' (neutral.kind='image') is not a file")
+            raise FileNotFoundError(f"{key}.path='{self.path}' ({key}.kind='image') is not a file")
         self._image = _load_rgb_image(resolved)  # [3, h, w]
 
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
@@ -271,10 +280,10 @@ def _batch_images(item: Any) -> Tensor | None:
         return item.get("image")
     if isinstance(item, list | tuple) and item:
         return _batch_images(item[0])
-    raise TypeError(f"neutral.prepare: cannot find images in a {type(item).__name__}")
+    raise TypeError(f"dataset_mean prepare: cannot find images in a {type(item).__name__}")
 
 
-class DatasetMeanNeutral(NeutralContext):
+class DatasetMeanImage(ReferenceImage):
     """The mean image of a dataset `[1, 1, 3, H, W]`, resized to the input size when it differs.
 
     Either call `prepare(dataset_or_loader, max_images)` (items or batches as dicts with an `image` key,
@@ -288,7 +297,10 @@ class DatasetMeanNeutral(NeutralContext):
 
     kind = "dataset_mean"
 
-    def __init__(self, path: str | None = None, max_images: int | None = 1024) -> None:
+    def __init__(
+        self, path: str | None = None, max_images: int | None = 1024, *, key: str = "neutral"
+    ) -> None:
+        self._key = key
         self.path = None if path is None else str(path)
         self.max_images = max_images
         self._mean: Tensor | None = None
@@ -298,19 +310,25 @@ class DatasetMeanNeutral(NeutralContext):
 
     def _load(self, path: Path) -> Tensor:
         if not path.is_file():
-            raise FileNotFoundError(f"neutral.path='{path}' (neutral.kind='dataset_mean') is not a file")
+            raise FileNotFoundError(
+                f"{self._key}.path='{path}' ({self._key}.kind='dataset_mean') is not a file"
+            )
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             tensors = load_file(str(path))
             if "image" not in tensors:
-                raise ValueError(f"neutral.path='{path}' holds {sorted(tensors)}; expected an 'image' tensor")
+                raise ValueError(
+                    f"{self._key}.path='{path}' holds {sorted(tensors)}; expected an 'image' tensor"
+                )
             mean = tensors["image"]
         else:
             mean = torch.load(path, map_location="cpu", weights_only=True)
         mean = mean.float().squeeze(0) if mean.ndim == 4 else mean.float()
         if mean.ndim != 3 or mean.shape[0] != 3:
-            raise ValueError(f"neutral.path='{path}' holds a tensor {tuple(mean.shape)}; expected [3, H, W]")
+            raise ValueError(
+                f"{self._key}.path='{path}' holds a tensor {tuple(mean.shape)}; expected [3, H, W]"
+            )
         self._version += 1
         return mean
 
@@ -348,7 +366,7 @@ class DatasetMeanNeutral(NeutralContext):
             if limit is not None and count >= limit:
                 break
         if total is None or count == 0:
-            raise ValueError("neutral.prepare: the data yielded no images (dataset_mean needs at least one)")
+            raise ValueError("dataset_mean prepare: the data yielded no images (it needs at least one)")
         self._mean = (total / count).float()
         self._version += 1
 
@@ -367,8 +385,8 @@ class DatasetMeanNeutral(NeutralContext):
         _check_source(source)
         if self._mean is None:
             raise RuntimeError(
-                "neutral.kind='dataset_mean' has no mean image: call CAAP.prepare(dataset_or_loader) "
-                "(or neutral.prepare) before attribute, or set neutral.path to a saved mean image"
+                f"{self._key}.kind='dataset_mean' has no mean image: call prepare(dataset_or_loader) (CAAP.prepare "
+                f"for a neutral context) before use, or set {self._key}.path to a saved mean image"
             )
         mean = self._mean.to(device=source.device).unsqueeze(0)
         return _resize(mean, tuple(source.shape[-2:])).to(source.dtype).unsqueeze(0)
@@ -377,40 +395,62 @@ class DatasetMeanNeutral(NeutralContext):
         return ("dataset_mean", id(self), self._version)
 
 
-_KINDS: dict[str, type[NeutralContext]] = {
-    "black": BlackNeutral,
-    "mean_color": MeanColorNeutral,
-    "blur": BlurNeutral,
-    "noise": NoiseNeutral,
-    "image": ImageNeutral,
-    "dataset_mean": DatasetMeanNeutral,
+_KINDS: dict[str, type[ReferenceImage]] = {
+    "black": BlackImage,
+    "mean_color": MeanColorImage,
+    "blur": BlurredImage,
+    "noise": NoiseImages,
+    "image": FileImage,
+    "dataset_mean": DatasetMeanImage,
 }
+RETIRED_KINDS = {
+    "zero": "'mean_color' (a zero input after normalisation) or, for token embeddings, 'zero_tokens'",
+    "mean": "'mean_color'",
+}
+"""Kind names that meant different things in different places, with what to write instead."""
 
 
-def build_neutral(config: NeutralContext | str | Mapping[str, Any] | None) -> NeutralContext:
-    """A `NeutralContext` from an instance, a kind name (`"black"`), or a mapping `{kind: ..., **options}`.
-
-    Raises:
-        ValueError: for an unknown kind (naming the allowed kinds) or unknown options of a kind.
-    """
-    if config is None:
-        return BlackNeutral()
-    if isinstance(config, NeutralContext):
-        return config
+def reference_options(config: Any, key: str, allowed: Sequence[str]) -> dict[str, Any]:
+    """`{kind: ..., **options}` of a kind name, a mapping or (key, value) pairs, with a clear error naming `key`
+    for a kind that is not in `allowed` (and what to write for a retired one)."""
     if isinstance(config, str):
         options: dict[str, Any] = {"kind": config}
-    elif isinstance(config, Mapping):
-        options = dict(config)  # also accepts an OmegaConf DictConfig
     else:
+        try:
+            options = dict(config)  # a mapping (also an OmegaConf DictConfig) or (key, value) pairs
+        except (TypeError, ValueError):
+            options = {}
+    if "kind" not in options:
         raise ValueError(
-            f"neutral={config!r} must be a kind name, a mapping with a 'kind' key, or a NeutralContext; "
-            f"allowed kinds: {list(NEUTRAL_KINDS)}"
+            f"{key}={config!r} must be a kind name, a mapping with a 'kind' key, or a ReferenceImage; "
+            f"allowed kinds: {list(allowed)}"
         )
-    kind = options.pop("kind", None)
-    if kind not in _KINDS:
-        raise ValueError(f"neutral.kind={kind!r} is not a neutral context; allowed: {list(NEUTRAL_KINDS)}")
+    kind = options.get("kind")
+    if kind not in allowed:
+        hint = f"; use {RETIRED_KINDS[kind]}" if kind in RETIRED_KINDS else ""
+        raise ValueError(f"{key}.kind={kind!r} is not supported; allowed kinds: {list(allowed)}{hint}")
+    return options
+
+
+def build_reference(
+    config: ReferenceImage | str | Mapping[str, Any] | None,
+    key: str = "neutral",
+    allowed: Sequence[str] = IMAGE_KINDS,
+) -> ReferenceImage:
+    """A `ReferenceImage` from an instance, a kind name (`"black"`), or a mapping `{kind: ..., **options}`;
+    None gives `black`. `key` names the config entry in messages; `allowed` the kinds this user accepts.
+
+    Raises:
+        ValueError: for a kind outside `allowed` (naming the allowed kinds) or unknown options of a kind.
+    """
+    if config is None:
+        return BlackImage()
+    if isinstance(config, ReferenceImage):
+        return config
+    options = reference_options(config, key, allowed)
+    kind = options.pop("kind")
     cls = _KINDS[kind]
     try:
-        return cls(**options)
+        return cls(**options, key=key)
     except TypeError as err:
-        raise ValueError(f"neutral.kind={kind!r}: bad options {sorted(options)} ({err})") from err
+        raise ValueError(f"{key}.kind={kind!r}: bad options {sorted(options)} ({err})") from err

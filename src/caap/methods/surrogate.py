@@ -10,14 +10,14 @@ sampler draws coalitions from the Shapley kernel and weights the empty and full 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from captum._utils.models.model import Model
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-from caap.methods._hooks import seeded
 
 
 class WeightedRidge(Model):
@@ -61,6 +61,15 @@ class WeightedRidge(Model):
         if self.coef is None or self.intercept is None:
             raise RuntimeError("WeightedRidge called before fit()")
         return x.reshape(x.shape[0], -1).float() @ self.coef.to(x.device) + self.intercept.to(x.device)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with torch's global RNG seeded, restoring the RNG state afterwards (for Captum's sampling)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def attribute_per_image(
