@@ -108,3 +108,37 @@ def test_all_layer_ranges_are_every_valid_pair() -> None:
         assert resolve_layer_range(start, stop, 6) == (start, stop)
     with pytest.raises(ValueError, match="depth=0"):
         all_layer_ranges(0)
+
+
+def test_module_surfaces_name_what_hooks_and_reinitialisation_act_on() -> None:
+    """ViTClassifier's module lists and LibraGrad's sites, per family, so that methods never reach model.model."""
+    from torch import nn
+
+    from caap.models.libragrad_sites import libragrad_sites
+
+    vit = build_model(FASHIONGRID_MODEL)
+    m = vit.model
+    assert vit.modules_after_embedding() == [m.blocks, m.norm, m.fc_norm, m.head]
+    assert vit.head_modules() == [m.norm, m.fc_norm, m.head] and vit.token_mixing_modules() == set()
+    sites = libragrad_sites(vit)
+    layer_norms = [mod for mod in m.modules() if isinstance(mod, nn.LayerNorm)]
+    assert len(layer_norms) == 2 * vit.depth + 1  # norm1, norm2 per block, the final norm
+    assert [mod for mod, centred in sites.norms if centred] == layer_norms
+    assert sites.gated_activations == [b.mlp.act for b in m.blocks] and sites.gated_mlp_products == []
+    assert [s.module for s in sites.attentions] == [b.attn for b in m.blocks]
+    assert all(
+        s.kind == "qkv" and s.qkv is s.module.qkv and s.out_norm is s.module.norm for s in sites.attentions
+    )
+
+    mixer = build_model("mixer_s16_224", img_size=64, num_classes=5)
+    mixing = mixer.token_mixing_modules()
+    assert mixing and all(
+        b.mlp_tokens.fc1 in mixing and b.mlp_tokens.fc2 in mixing for b in mixer.model.blocks
+    )
+    assert not (mixing & set(mixer.model.blocks[0].mlp_channels.modules()))
+    assert libragrad_sites(mixer).attentions == []
+
+    eva = build_model("eva02_tiny_patch14_224", img_size=56, num_classes=5)
+    eva_sites = libragrad_sites(eva)
+    assert [s.kind for s in eva_sites.attentions] == ["rotary"] * eva.depth
+    assert len(eva_sites.gated_mlp_products) == eva.depth  # SwiGLU: the gate product's rule site

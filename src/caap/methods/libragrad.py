@@ -105,7 +105,7 @@ class LibraGradRules:
             raise ValueError(
                 f"LibraGrad attention rule '{self.attention}': allowed detach_qk | attnlrp | none"
             )
-        if self.head not in ("prob", "logit"):
+        if self.head not in PROB_OR_LOGIT:
             raise ValueError(f"LibraGrad head '{self.head}': allowed prob | logit")
 
 

@@ -27,6 +27,7 @@ feature of an empty set (every pooled token removed) as the all-zero vector, the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.models.deit import VisionTransformerDistilled
@@ -85,6 +86,9 @@ class ViTClassifier(nn.Module):
         classifier: a module `[B, F] -> [B, C]` replacing the timm head (applied after `fc_norm`): the DINOv2
             linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
+
+    #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
+    data_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -385,9 +389,8 @@ class ViTClassifier(nn.Module):
     def token_mixing_modules(self) -> set[nn.Module]:
         """The layers of MLP-Mixer token-mixing MLPs (`mlp_tokens`, acting on `[B, D, tokens]`); empty for
         attention models."""
-        return {
-            m for block in self.model.blocks for m in getattr(block, "mlp_tokens", nn.Identity()).modules()
-        }
+        mixers = [getattr(block, "mlp_tokens", None) for block in self.model.blocks]
+        return {m for mlp in mixers if isinstance(mlp, nn.Module) for m in mlp.modules()}
 
 
 def _mean_or_zero(x: Tensor) -> Tensor:
