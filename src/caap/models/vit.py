@@ -83,6 +83,9 @@ class ViTClassifier(nn.Module):
             linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
 
+    mean: Tensor  # [1, 3, 1, 1] normalisation buffers
+    std: Tensor
+
     def __init__(
         self,
         model: nn.Module,
