@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: setup run test test-slow test-all lint format train clean-outputs report wandb-sync
+.PHONY: setup run test test-slow test-all mutants lint format train clean-outputs report wandb-sync
 
 CHROMIUM := /usr/bin/chromium
 
@@ -50,6 +50,12 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "" $(ARGS)
+
+# Mutation check (not part of `make test`): curated single-bug mutants of the core, each applied to a copy
+# of src/ and conf/ and run against the tests that should catch it; fails when one survives.
+# ARGS="--only dedup-index-only" runs a subset, ARGS="--check" only checks that every snippet is still found.
+mutants: setup
+	$(PY) scripts/mutants.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

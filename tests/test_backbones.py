@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 
 from caap.methods import CAAP, AttentionRollout, FullGradPlus, GenAtt, RawAttention, TokenSampling
-from caap.methods.caap import neutral_prefix, patch_positions, patched_logits, source_states
 from caap.methods.gradient import Gradient
 from caap.methods.libragrad import libragrad
+from caap.methods.patching import neutral_prefix, patch_positions, patched_logits, source_states
 from caap.metrics.functional.token_perturbation import deletion_curves
 from caap.models import ViTClassifier, build_model
 from test_caap import reference_maps

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.layer_selection import SELECTION_FILE, calibration_indices, range_maps
+from caap.layer_selection import SELECTION_FILE, calibration_indices
 from caap.maps_io import load_maps
 from caap.methods.caap import CAAP
 from caap.metrics import AttributionMetric
@@ -69,7 +69,7 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
     target = torch.tensor([1, 4, 7, 2])
     ranges = all_layer_ranges(model.depth)
     method = CAAP(chunk_size=32, **options)
-    got = dict(range_maps(method, model, images, target, ranges))
+    got = dict(method.range_maps(model, images, target, ranges))
     assert list(got) == ranges
     for start, stop in ranges[:: 1 if options["mode"] == "hold" else 5]:
         reference = CAAP(start=start, stop=stop, chunk_size=32, **options).attribute(model, images, target)
@@ -175,5 +175,7 @@ def test_layers_auto_calibrates_on_other_images_than_it_scores(compose_cfg) -> N
 
 
 def test_layers_auto_needs_caap(compose_cfg) -> None:
-    with pytest.raises(ValueError, match="layers=auto chooses CAAP's layer range"):
+    with pytest.raises(
+        ValueError, match=r"layers=auto chooses a layer range, but method=\S+Gradient has none"
+    ):
         evaluate(compose_cfg(*AUTO, "method=gradient"))

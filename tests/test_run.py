@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
+from caap.batch import AttributionBatch
 from caap.data import SyntheticGrid
 from caap.maps_io import load_maps
 from caap.run import evaluate
@@ -52,10 +54,13 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     results = evaluate(cfg)
     out = Path(cfg.output_dir)
     assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
-    assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
+    assert results["srg"] == pytest.approx(results["lif"] - results["mif"], abs=1e-9)  # SRG = LIF - MIF
 
     written = json.loads((out / "metrics.json").read_text())
     assert written["metrics"] == results
+    # written once, with the run's timing and W&B facts, and the finished mark
+    assert written["finished"] is True and written["seconds"] > 0 and written["images_per_second"] > 0
+    assert written["wandb_mode"] == "offline" and Path(written["wandb_dir"]).parent == out / "wandb"
     data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
     expected_keys = {(i, int(c)) for i in range(6) for c in data[i]["target"].nonzero().flatten()}
     assert written["num_maps"] == len(expected_keys)
@@ -65,6 +70,27 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     with open(out / "per_image.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {(int(r["index"]), int(r["class"])) for r in rows} == expected_keys
+    # each metric is the mean of its defined per-image values
+    for name, value in results.items():
+        column = torch.tensor([float(r[name]) for r in rows], dtype=torch.float64)
+        assert value == pytest.approx(float(column[column.isfinite()].mean()), rel=1e-9), name
+    # the stored maps are the ones scored, on their own (image, class): the mask metrics recomputed from
+    # maps/ and the dataset's masks give the run's values
+    keys = sorted(maps)
+    samples = [data[i] for i, _ in keys]
+    batch = AttributionBatch(
+        images=torch.stack([s["image"] for s in samples]),
+        maps=torch.stack([maps[k] for k in keys]),
+        classes=torch.tensor([c for _, c in keys]),
+        index=torch.tensor([i for i, _ in keys]),
+        labels=torch.stack([s["target"] for s in samples]),
+        cell_masks=torch.stack([s["masks"]["cell"] for s in samples]),
+        item_masks=torch.stack([s["masks"]["item"] for s in samples]),
+    )
+    for name in ("grid_pointing", "energy_pointing", "class_discrimination"):
+        metric = instantiate(cfg.metric[name])
+        metric.update(batch)
+        assert float(metric.compute()) == pytest.approx(results[name], rel=1e-9), name
     assert (out / "config.yaml").exists() and (out / "csv" / "metrics.csv").exists()
     assert "test/mif" in (out / "csv" / "metrics.csv").read_text()
 
@@ -89,18 +115,57 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     assert {"maps", "per_image"} <= media, sorted(logged)
 
 
+def test_callbacks_are_configurable(compose_cfg) -> None:
+    """A callback dropped by override writes nothing; one added by override runs; metrics.json stays."""
+    cfg = compose_cfg(
+        *FAST,
+        "logger=csv",
+        "method=random",
+        "report_images=4",
+        "~callbacks.sample_images",
+        "+callbacks.timer={_target_: lightning.pytorch.callbacks.Timer}",
+    )
+    evaluate(cfg)
+    out = Path(cfg.output_dir)
+    assert not (out / "images.safetensors").exists()
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
+
+
+def test_wandb_run_is_finished_when_the_run_raises(compose_cfg, monkeypatch) -> None:
+    import wandb
+
+    from caap.lit.module import AttributionModule
+
+    def failing_step(self, batch, batch_idx):
+        _ = self.logger.experiment  # the W&B run has started
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(AttributionModule, "test_step", failing_step)
+    cfg = compose_cfg(*FAST, "logger=wandb", "method=random")
+    with pytest.raises(RuntimeError, match="planted failure"):
+        evaluate(cfg)
+    assert wandb.run is None
+    assert not (Path(cfg.output_dir) / "metrics.json").exists()
+
+
 def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:
-    cfg = compose_cfg(*FAST, "logger=csv", "target=pred", "method=random")
+    """target=pred explains each image's top class: one map per image, for the class the model ranks first
+    (the shipped FashionGrid model, so that the classes differ between images)."""
+    cfg = compose_cfg(*FAST, "model.pretrained=true", "logger=csv", "target=pred", "method=random")
     evaluate(cfg)
     maps = load_maps(Path(cfg.output_dir) / "maps")
     assert sorted(i for i, _ in maps) == list(range(6))
+    data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
+    with torch.no_grad():
+        top = instantiate(cfg.model)(torch.stack([data[i]["image"] for i in range(6)])).argmax(-1)
+    assert sorted(maps) == [(i, int(c)) for i, c in enumerate(top)]
+    assert len(set(top.tolist())) > 1
 
 
 def test_evaluate_fashiongrid_shipped_model(compose_cfg) -> None:
     cfg = compose_cfg("logger=csv", "data.limit=8", "data.batch_size=4", "media_images=0")
     results = evaluate(cfg)
     assert set(results) == {"mif", "lif", "srg", "grid_pointing", "energy_pointing", "class_discrimination"}
-    assert all(-1.0 <= v <= 1.0 for v in results.values())  # SRG = LIF - MIF may be negative
     # the trained model's gradient maps point at the right cell far more often than chance (0.25 on average)
     assert results["grid_pointing"] > 0.35
     assert results["lif"] > results["mif"] and results["srg"] > 0

@@ -29,8 +29,10 @@ from torch import Tensor
 from caap.maps_io import load_maps
 
 #: Config keys that may change between a killed run and its continuation (where and how it runs, not what
-#: it computes).
-MAY_DIFFER = ("output_dir", "resume", "logger", "trainer", "media_images", "data.num_workers")
+#: it computes). `datamodule` only interpolates `data.*`, which is compared.
+MAY_DIFFER = (
+    "output_dir", "resume", "logger", "trainer", "callbacks", "media_images", "data.num_workers", "datamodule",
+)  # fmt: skip
 FINISHED_KEY = "finished"
 
 

@@ -24,6 +24,7 @@ in which only the patch tokens `keep` `[B, N]` are present, which is exactly poo
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from timm.models.deit import VisionTransformerDistilled
@@ -85,6 +86,8 @@ class ViTClassifier(nn.Module):
 
     mean: Tensor  # [1, 3, 1, 1] normalisation buffers
     std: Tensor
+    #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
+    data_config: dict[str, Any] | None = None
 
     def __init__(
         self,
