@@ -87,6 +87,8 @@ class ViTClassifier(nn.Module):
             linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
 
+    mean: Tensor  # [1, 3, 1, 1] normalisation buffers
+    std: Tensor
     #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
     data_config: dict[str, Any] | None = None
 
