@@ -50,6 +50,8 @@ CAAP = "src/caap/methods/caap.py"
 PATCHING = "src/caap/methods/patching.py"
 LIBRAGRAD = "src/caap/methods/libragrad.py"
 TOKENS = "src/caap/metrics/functional/faithfulness.py"
+REMOVAL = "src/caap/token_removal.py"
+VIT = "src/caap/models/vit.py"
 PIXELS = "src/caap/metrics/functional/pixel_perturbation.py"
 POINTING = "src/caap/metrics/functional/pointing.py"
 LOCALISATION = "src/caap/metrics/functional/localisation.py"
@@ -166,8 +168,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "tokens-ranking-swapped",
         TOKENS,
-        'idx = order[:, n - kept :] if which == "mif" else order[:, :kept]',
-        'idx = order[:, :kept] if which == "mif" else order[:, n - kept :]',
+        'return torch.cat([rank >= c if o == "mif" else rank < n - c for o, c in keys])',
+        'return torch.cat([rank < n - c if o == "mif" else rank >= c for o, c in keys])',
         ("tests/test_faithfulness.py",),
         "MIF keeps the most attributed tokens and LIF the least (orders swapped)",
     ),
@@ -180,28 +182,52 @@ MUTANTS: tuple[Mutant, ...] = (
         "removal counts rounded down instead of to the nearest integer",
     ),
     Mutant(
-        "tokens-drop-keeps-removed-count",
-        TOKENS,
-        "groups.setdefault(n - c, []).append((o, step))",
-        "groups.setdefault(c, []).append((o, step))",
-        ("tests/test_faithfulness.py",),
-        "drop keeps as many tokens as it should remove",
+        "tokens-drop-keeps-removed",
+        REMOVAL,
+        "idx = keep[sel].nonzero()[:, 1].reshape(len(members), kept)",
+        "idx = (~keep[sel]).nonzero()[:, 1].reshape(len(members), keep.shape[1] - kept)",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "drop keeps the tokens it should remove",
     ),
     Mutant(
         "tokens-drop-prefix-offset",
-        TOKENS,
-        "tok = torch.cat([prefix.repeat(len(keys), 1), idx + npre], dim=1)",
-        "tok = torch.cat([prefix.repeat(len(keys), 1), idx], dim=1)",
-        ("tests/test_faithfulness.py",),
+        VIT,
+        "x = r0[rows[:, None], torch.cat([prefix, kept + npre], dim=1)]",
+        "x = r0[rows[:, None], torch.cat([prefix, kept], dim=1)]",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
         "kept patch indices are not shifted past the prefix tokens",
     ),
     Mutant(
-        "tokens-replace-orders-swapped",
-        TOKENS,
-        "removed = torch.where(lif, rr >= n - c, rr < c)",
-        "removed = torch.where(lif, rr < c, rr >= n - c)",
-        ("tests/test_faithfulness.py",),
-        "replacement removes the least attributed tokens for MIF",
+        "tokens-drop-rope-not-gathered",
+        VIT,
+        "rope = rope.to(x.device)[kept][:, None]",
+        "rope = rope.to(x.device)[: kept.shape[1]][None, None]",
+        ("tests/test_token_removal.py",),
+        "EVA's dropped sequence takes the first rotary positions instead of its tokens' own",
+    ),
+    Mutant(
+        "tokens-replace-swapped",
+        REMOVAL,
+        "torch.where(kp[..., None], seq[:, npre:], baseline[rp, npre:])",
+        "torch.where(kp[..., None], baseline[rp, npre:], seq[:, npre:])",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "replacement replaces the kept tokens instead of the removed ones",
+    ),
+    Mutant(
+        "tokens-mask-pools-removed",
+        REMOVAL,
+        "logits.append(model.head(x, kp))",
+        "logits.append(model.head(x))",
+        ("tests/test_token_removal.py",),
+        "the key-masked sequence's head pools the hidden tokens too",
+    ),
+    Mutant(
+        "tokens-empty-pool-not-zero",
+        VIT,
+        "            w = x.new_zeros(x.shape[0], 0)\n",
+        "            w = None\n",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "an empty pooled set is averaged by timm's mean (NaN) instead of the all-zero feature",
     ),
     # -- pixel deletion / insertion -----------------------------------------------------------------------------
     Mutant(
@@ -273,8 +299,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dedup-curves-not-reordered",
         "src/caap/metrics/curves.py",
-        "return index, cls, _cat(self.curves).reshape(-1, s)[order]",
-        "return index, cls, _cat(self.curves).reshape(-1, s)[: len(order)]",
+        "return index, cls, dim_zero_cat(stored).reshape(-1, s)[order]",
+        "return index, cls, dim_zero_cat(stored).reshape(-1, s)[: len(order)]",
         ("tests/test_dedup.py",),
         "curves are not de-duplicated with the values",
     ),
