@@ -32,8 +32,8 @@ AUTO = [
     "method=caap",
     "layers=auto",
     "layers.calibration_images=3",
-    "layers.select_by._target_=caap.metrics.TokenDeletionAUC",
-    "+layers.select_by.fractions=[0.0,0.25,0.5,1.0]",
+    "layers.select_by._target_=caap.metrics.MIF",
+    "+layers.select_by.ratios=[0.25,0.5,1.0]",
     "metric=localisation",
     "logger=csv",
     "media_images=0",
@@ -90,8 +90,8 @@ def test_layers_auto_chooses_on_calibration_and_evaluates_on_disjoint_images(com
     chosen = json.loads((out / SELECTION_FILE).read_text())
     depth = 6  # timm's test_vit
     assert [(r["start"], r["stop"]) for r in chosen["landscape"]] == all_layer_ranges(depth)
-    # deletion AUC: lower is better, so the choice is the landscape's minimum
-    assert chosen["higher_is_better"] is False and chosen["metric"] == "TokenDeletionAUC"
+    # MIF with prob: lower is better, so the choice is the landscape's minimum
+    assert chosen["higher_is_better"] is False and chosen["metric"] == "MIF"
     best = min(chosen["landscape"], key=lambda r: r["value"])
     assert (chosen["start"], chosen["stop"], chosen["value"]) == (best["start"], best["stop"], best["value"])
     assert chosen["calibration_indices"] == [61, 62, 63]  # the last 3 of the 64 synthetic images

@@ -109,18 +109,16 @@ def choose_layer_range(
             f"layers=auto chooses a layer range, but method={cfg.method.get('_target_')} has none; "
             "use method=caap or another layers option"
         )
-    saved = LayerSelection.load(cfg.output_dir) if resume else None
-    calib = (
-        saved.calibration_indices
-        if saved
-        else calibration_indices(len(datamodule.dataset), int(auto.calibration_images))
-    )  # type: ignore[arg-type]
+    selection = LayerSelection.load(cfg.output_dir) if resume else None
+    if selection is not None:
+        calib = selection.calibration_indices
+    else:
+        calib = calibration_indices(len(datamodule.dataset), int(auto.calibration_images))  # type: ignore[arg-type]
     datamodule.exclude(calib)
     if not datamodule.indices:
         raise ValueError(
             f"layers=auto: no images left to evaluate after setting aside the last {len(calib)} for calibration"
         )
-    selection = saved
     if selection is None:
         selection = select_layer_range(cfg, method, model, datamodule.dataset, calib)
         selection.save(cfg.output_dir)

@@ -8,7 +8,7 @@ attribution; the map `[B, gh, gw]` is the patch scores on the token grid.
 
 The paper leaves the layer range to the user, so CAAP also maps many ranges at once (`range_maps`, shared work
 through `caap.methods.patching`), which `layers=auto` uses to choose one. The batched engine is
-`caap.methods.patching`; the neutral contexts are `caap.references`.
+`caap.methods.patching`; the neutral contexts are reference images (`caap.references`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from caap.methods.base import AttributionMethod
+from caap.methods.option_checks import check_choice
 from caap.methods.patching import (
     MODES,
-    check_choice,
     compute_dtype,
     group_rows_by_image,
     neutral_states,
@@ -35,8 +35,7 @@ from caap.methods.patching import (
 )
 from caap.models.layers import all_layer_ranges, resolve_layer_range
 from caap.models.vit import ViTClassifier
-from caap.references import ReferenceImage as NeutralContext
-from caap.references import build_reference as build_neutral
+from caap.references import ReferenceImage, build_reference
 from caap.scores import Score, check_score
 
 
@@ -57,8 +56,8 @@ class CAAP(AttributionMethod):
         score: `logit` (target logit), `prob`, `logprob`, or `delta` (patched minus unpatched neutral logit).
         window: k for k x k non-overlapping patch windows patched together (edge windows smaller); every
             patch of a window gets the window's score, the map stays at patch resolution.
-        neutral: a `NeutralContext`, a kind name, or a mapping `{kind: ..., **options}` (see
-            `caap.references`); noise with `num_samples > 1` averages the maps over samples.
+        neutral: the neutral context, a `ReferenceImage`, a kind name, or a mapping `{kind: ..., **options}`
+            (see `caap.references`); noise with `num_samples > 1` averages the maps over samples.
         chunk_size: patched sequences per pass; None derives it from `memory_budget_mb`.
         memory_budget_mb: activation budget for a chunk (see `caap.models.memory.estimate_sequence_bytes`);
             None = half the free GPU memory, or 64 MB on the CPU. Give at most one of `chunk_size`,
@@ -77,7 +76,7 @@ class CAAP(AttributionMethod):
         mode: str = "hold",
         score: Score = "logit",
         window: int = 1,
-        neutral: NeutralContext | str | Mapping[str, Any] | None = "black",
+        neutral: ReferenceImage | str | Mapping[str, Any] | None = "black",
         chunk_size: int | None = None,
         memory_budget_mb: float | None = None,
         head_tokens_only: bool = True,
@@ -102,7 +101,7 @@ class CAAP(AttributionMethod):
         self.chunk_size = chunk_size
         self.memory_budget_mb = memory_budget_mb
         self.head_tokens_only = bool(head_tokens_only)
-        self.neutral = build_neutral(neutral)
+        self.neutral = build_reference(neutral)
         # (weak reference to the model, key, per neutral sample {start: r_start [1, T, D]}, logits [S, 1, C])
         self._cache: tuple[weakref.ref, Hashable, list[dict[int, Tensor]], Tensor] | None = None
 

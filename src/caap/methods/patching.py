@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from caap.methods.option_checks import check_choice
 from caap.models.memory import estimate_sequence_bytes
 from caap.models.prefix_only import prefix_only_last_block
 from caap.models.vit import ViTClassifier
@@ -34,13 +34,6 @@ MODES = ("hold", "inject")
 _DEFAULT_CPU_BUDGET_MB = 64.0
 _CUDA_FREE_FRACTION = 0.5
 _MAX_CHUNK = 8192
-
-
-def check_choice(key: str, value: Any, allowed: Sequence[str]) -> str:
-    """`value` when it is one of `allowed`, else a ValueError naming `key` and the allowed values."""
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not supported; allowed: {list(allowed)}")
-    return value
 
 
 def patch_positions(start: int, stop: int, mode: str) -> list[int]:
