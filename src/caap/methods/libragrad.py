@@ -116,10 +116,10 @@ def resolve_score(score: str | None, rules: LibraGradRules | None) -> Score:
     """The differentiated score: explicit `score` (`prob` / `logit`), else the preset's head (LibraGrad) or the
     logit (plain gradients)."""
     if score is None:
-        return rules.head if rules is not None else "logit"
+        return cast(Score, rules.head) if rules is not None else "logit"
     if score not in PROB_OR_LOGIT:
         raise ValueError(f"method.score='{score}' is not supported; allowed: {list(PROB_OR_LOGIT)} or null")
-    return cast(Score, score)
+    return score  # narrowed to a Score by the membership test
 
 
 # -- the rules as output substitutions -----------------------------------------------------------------
