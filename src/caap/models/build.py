@@ -5,9 +5,10 @@ Weights: `pretrained=true` loads the model's pretrained weights (downloaded thro
 the Hugging Face cache; under `HF_HUB_OFFLINE=1` only from the cache, with a clear error saying how to provide
 them when they are missing), `weights=PATH` loads a local checkpoint instead (safetensors, a PyTorch state dict
 or an AugReg / big_vision `.npz`, see `caap.models.weights`), `pretrained=false` (explicit) gives random weights.
-A head of another size than the weights' is refused unless `reset_head=true` asks for a new random one. Preprocessing (input size,
-crop_pct, interpolation, mean and std) comes from timm's data config of the model (`ViTClassifier.data_config`);
-datasets read it so that images and masks are resized and cropped as the model was evaluated.
+A head of another size than the weights' is refused unless `reset_head=true` asks for a new random one.
+Preprocessing (input size, crop_pct, interpolation, mean and std) comes from timm's data config of the model
+(`ViTClassifier.data_config`); datasets read it so that images and masks are resized and cropped as the model
+was evaluated.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def build_model(
 
 def create_timm_model(
     name: str, pretrained: bool, extra: dict[str, Any], source: WeightsSource | None
-) -> torch.nn.Module:
+) -> Any:
     """`timm.create_model(name, pretrained, **extra)` with messages that say what went wrong: local weights that
     do not fit the architecture (which keys and shapes differ), hub weights that could not be fetched."""
     try:

@@ -89,7 +89,7 @@ def classes_to_build(
     return source.head_classes, True
 
 
-def new_random_head(model: torch.nn.Module, num_classes: int, source: WeightsSource) -> None:
+def new_random_head(model: Any, num_classes: int, source: WeightsSource) -> None:
     """Replace the classifier head of the timm `model` by a new random one of `num_classes` outputs (timm's
     `reset_classifier`; DeiT's distillation head too), saying so in the log."""
     log.warning(
