@@ -111,7 +111,7 @@ class RunOutputs(L.Callback):
         if self.num_maps is None or trainer.global_rank != 0:
             return
         assert isinstance(pl_module, AttributionModule)
-        facts, metrics = pl_module.run.facts, dict(pl_module.metrics.items())
+        facts, metrics = pl_module.run.facts, pl_module.attribution_metrics()
         seconds = time.perf_counter() - pl_module.run.started
         payload: dict[str, Any] = {
             "metrics": pl_module.results,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -95,6 +95,10 @@ class AttributionModule(L.LightningModule):
             maps[todo] = self.method(self.model, images[todo], classes[todo]).float()
         return maps, stored
 
+    def attribution_metrics(self) -> dict[str, AttributionMetric]:
+        """The metrics by name, typed (`self.metrics` is the `nn.ModuleDict` that registers them as children)."""
+        return {name: cast(AttributionMetric, metric) for name, metric in self.metrics.items()}
+
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
         if batch is None:  # every sample of the batch was unreadable (already logged by the collate function)
             return None
@@ -105,20 +109,20 @@ class AttributionModule(L.LightningModule):
         maps, stored = self.compute_maps(batch["image"][rows], classes, index)
         attribution = AttributionBatch.from_data(batch, rows, classes, maps)
         with torch.no_grad():
-            for metric in self.metrics.values():
+            for metric in self.attribution_metrics().values():
                 metric.update(attribution, self.model)
         self.num_maps += len(attribution)
         return {"batch": attribution, "stored": stored}
 
     def on_test_epoch_end(self) -> None:
-        for name, metric in self.metrics.items():
+        for name, metric in self.attribution_metrics().items():
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
                 for key, value in metric.extra_per_sample().items():
                     self.per_sample[f"{name}/{key}"] = value
-                for key, value in metric.extra_results().items():
-                    self.results[f"{name}/{key}"] = float(value)
+                for key, result in metric.extra_results().items():
+                    self.results[f"{name}/{key}"] = float(result)
             curve = metric.curve()  # a collective call: every rank makes it
             if curve is not None:
                 self.curves[name] = curve

@@ -112,6 +112,7 @@ class CurveMetric(AttributionMetric):
     """
 
     requires_model = True
+    curves: list[Tensor]
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -74,7 +74,12 @@ class _TokenFaithfulness(CurveMetric):
         if removal == "replace":
             plain = baseline if isinstance(baseline, str) else _plain_dict(baseline)
             build_token_reference(plain, "baseline", REPLACE_BASELINES)
-        self.baseline = setting_key(baseline) if not isinstance(baseline, str) else baseline
+        # a kind name, or the hashable (key, value) pairs `setting_key` makes of a mapping (a cache key)
+        self.baseline: str | tuple[tuple[str, Any], ...] = (
+            baseline
+            if isinstance(baseline, str)
+            else cast(tuple[tuple[str, Any], ...], setting_key(baseline))
+        )
         if int(max_batch) < 1:
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
         self.max_batch = int(max_batch)
@@ -120,7 +125,7 @@ class _TokenFaithfulness(CurveMetric):
                     self.ratios,
                     todo,
                     self.removal,
-                    self.baseline,
+                    self.baseline if isinstance(self.baseline, str) else dict(self.baseline),
                     self.max_batch,
                 )
             )

@@ -207,6 +207,8 @@ class _GurCounts(_Segmentation):
     """Gur et al. pixel accuracy / mIoU: per-image values in the table, dataset-level ratio of summed counts in
     `compute` (as Chefer et al.'s evaluation), from per-pair counts gathered across ranks and de-duplicated."""
 
+    counts: list[Tensor]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.add_state(

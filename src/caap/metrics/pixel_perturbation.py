@@ -22,7 +22,7 @@ from caap.metrics.functional.pixel_perturbation import (
     pixel_perturbation_outcomes,
     pixel_reference,
 )
-from caap.scores import POINT_SCORES, check_score, curve_values
+from caap.scores import POINT_SCORES, CurveScore, check_score, curve_values
 
 
 def default_max_batch(device: torch.device) -> int:
@@ -46,7 +46,7 @@ class _PixelPerturbation(CurveMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        check_score(score, POINT_SCORES, key=f"{self.name}: score")
+        score_kind: CurveScore = check_score(score, POINT_SCORES, key=f"{self.name}: score")
         if steps is not None and int(steps) < 1:
             raise ValueError(
                 f"{self.name}: steps must be a positive integer or null (= image height), got {steps}"
@@ -55,17 +55,17 @@ class _PixelPerturbation(CurveMetric):
             raise ValueError(
                 f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
             )
-        baseline = self.default_baseline if baseline is None else setting_key(baseline)
-        pixel_reference(
-            baseline if isinstance(baseline, str) else dict(baseline)
-        )  # a bad baseline fails here
+        # a kind name, or the (key, value) pairs `setting_key` makes of a mapping
+        spec: Any = self.default_baseline if baseline is None else setting_key(baseline)
+        plain: str | dict[str, Any] = spec if isinstance(spec, str) else dict(spec)
+        pixel_reference(plain)  # a bad baseline fails here
         if max_batch is not None and int(max_batch) < 1:
             raise ValueError(
                 f"{self.name}: max_batch must be positive or null (= by device), got {max_batch}"
             )
-        self.score_kind = score
+        self.score_kind = score_kind
         self.steps = None if steps is None else int(steps)
-        self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
+        self.baseline = plain
         self._baseline_key = setting_key(self.baseline)
         self.upsample = upsample
         self.max_batch = None if max_batch is None else int(max_batch)

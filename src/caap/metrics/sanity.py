@@ -51,6 +51,8 @@ class CascadingRandomisation(AttributionMetric):
     higher_is_better = False
     requires_model = True
     requires_method = True
+    spearman: list[Tensor]
+    ssim: list[Tensor]
 
     def __init__(
         self,
@@ -88,7 +90,7 @@ class CascadingRandomisation(AttributionMetric):
             )
         original = batch.maps.abs() if self.absolute else batch.maps
         images, classes = batch.images, batch.classes.long()
-        size = tuple(images.shape[-2:])
+        size = (images.shape[-2], images.shape[-1])
         rhos, ssims, names = [], [], []
         for name, randomised in cascading_randomisation(
             model, self.stages, self.seed, self.control, self.cumulative

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from caap.models.vit import ViTClassifier
 from caap.references import ZERO_TOKENS, build_token_reference, reference_tokens
-from caap.scores import CURVE_SCORES, DROP_SCORES, Outcomes, check_score, score_curves, target_outcomes
+from caap.scores import (
+    CURVE_SCORES,
+    DROP_SCORES,
+    CurveScore,
+    Outcomes,
+    check_score,
+    score_curves,
+    target_outcomes,
+)
 from caap.token_removal import check_removal as check_model_removal
 from caap.token_removal import patch_ranks, removal_logits
 
@@ -177,10 +185,10 @@ def faithfulness_curves(
 ) -> Tensor:
     """Curves `[P, K + 1]` of `score` for `order` in mif / lif / srg (SRG: LIF curve minus MIF curve) over
     `removal_axis(ratios)`; one call computes what it needs (the metrics share this work through a cache)."""
-    check_score(score, CURVE_SCORES)
+    curve_score: CurveScore = check_score(score, CURVE_SCORES)
     check_removal(model, removal)  # before any forward pass
     needed = ORDERS if order == "srg" else (order,)
     full = unperturbed_outcomes(model, images, classes)
     pert = token_removal_outcomes(model, images, maps, classes, ratios, needed, removal, baseline, max_batch)
-    curves = {o: score_curves(full, pert[o], score) for o in needed}
+    curves = {o: score_curves(full, pert[o], curve_score) for o in needed}
     return curves["lif"] - curves["mif"] if order == "srg" else curves[order]

@@ -91,7 +91,7 @@ def positive_energy_share(maps: Tensor, regions: Tensor) -> Tensor:
         `[P]` float64 in [0, 1]; NaN where the map has no positive value or a non-finite entry.
     """
     _check_pairs(maps, regions)
-    inside, total = mask_patch_counts(regions, tuple(maps.shape[-2:]))
+    inside, total = mask_patch_counts(regions, (maps.shape[-2], maps.shape[-1]))
     pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN
     num = (pos * inside).flatten(1).sum(1)
     den = (pos * total).flatten(1).sum(1)

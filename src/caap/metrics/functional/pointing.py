@@ -53,7 +53,7 @@ def grid_pointing_game(maps: Tensor, cell_masks: Tensor) -> Tensor:
     """
     if maps.shape[0] != cell_masks.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps but {cell_masks.shape[0]} masks")
-    inside, total = mask_patch_counts(cell_masks, tuple(maps.shape[-2:]))
+    inside, total = mask_patch_counts(cell_masks, (maps.shape[-2], maps.shape[-1]))
     pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN
     num = (pos * inside).flatten(1).sum(1)
     den = (pos * total).flatten(1).sum(1)
@@ -78,7 +78,7 @@ def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     """
     if maps.shape[0] != masks.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps but {masks.shape[0]} masks")
-    inside, _ = mask_patch_counts(masks, tuple(maps.shape[-2:]))
+    inside, _ = mask_patch_counts(masks, (maps.shape[-2], maps.shape[-1]))
     flat = maps.reshape(maps.shape[0], -1)
     best = flat.argmax(1)  # first maximum
     hit = (inside.flatten(1).gather(1, best[:, None]).squeeze(1) > 0).to(torch.float64)

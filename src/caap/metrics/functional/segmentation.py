@@ -81,7 +81,7 @@ def segmentation_counts(
     if maps.shape[0] != masks.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps but {masks.shape[0]} masks")
     valid = torch.ones_like(masks, dtype=torch.bool) if valid is None else valid.bool()
-    norm = minmax_normalise(upsample_maps(maps, tuple(masks.shape[-2:]), interpolation))
+    norm = minmax_normalise(upsample_maps(maps, (masks.shape[-2], masks.shape[-1]), interpolation))
     pred = mean_threshold(norm)
     gt = masks.bool()
     correct = ((pred == gt) & valid).flatten(1).sum(1)
@@ -139,7 +139,7 @@ def gur_average_precision(
     """Per-image AP `[P]` of the Gur et al. / Chefer et al. protocol: the min-max normalised upsampled map `m`
     as the two-channel prediction `[1 - m, m]` against the one-hot truth `[background, foreground]`, all
     2 x H x W entries pooled (Chefer's `get_ap_scores`). NaN for a non-finite map."""
-    norm = minmax_normalise(upsample_maps(maps, tuple(masks.shape[-2:]), interpolation)).flatten(1)
+    norm = minmax_normalise(upsample_maps(maps, (masks.shape[-2], masks.shape[-1]), interpolation)).flatten(1)
     gt = masks.bool().flatten(1).long()
     ok = torch.ones_like(gt, dtype=torch.bool) if valid is None else valid.bool().flatten(1)
     scores = torch.cat([1 - norm, norm], 1)
@@ -152,7 +152,7 @@ def segmentation_average_precision(
 ) -> Tensor:
     """LibraGrad's Segmentation AP `[P]`: binary AP of the upsampled signed map's pixels against the target's
     mask. NaN for a non-finite map or an empty mask (no positive pixel: AP is undefined)."""
-    pixels = upsample_maps(maps, tuple(masks.shape[-2:]), interpolation).flatten(1)
+    pixels = upsample_maps(maps, (masks.shape[-2], masks.shape[-1]), interpolation).flatten(1)
     gt = masks.bool().flatten(1).long()
     if valid is not None:
         gt = torch.where(valid.bool().flatten(1), gt, -1)
