@@ -158,7 +158,8 @@ def captum_ablation(
 
 def prepare(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     """Model, images, targets, neutral image, CAAP object and sizes for one model."""
-    from caap.methods.caap import CAAP, estimate_sequence_bytes
+    from caap.methods.caap import CAAP
+    from caap.models.memory import estimate_sequence_bytes
 
     device = args.device
     model, pretrained = _build(model_name, device, args.fused)

@@ -1,7 +1,7 @@
 """`layers=auto` landscape speed: CAAP maps for every layer range, shared work vs one CAAP call per range.
 
-`caap.layer_selection.range_maps` runs the source pass, the neutral prefixes and the unpatched neutral logits
-once for all ranges, then one `patched_scores` per range; the baseline calls `CAAP(start, stop).attribute` for
+`CAAP.range_maps` runs the source pass, the neutral prefixes and the unpatched neutral logits once for all
+ranges, then the patched runs of each start as one trunk with a branch per stop; the baseline calls `CAAP(start, stop).attribute` for
 each range (a source and neutral pass per range). Same model, same images, one run, interleaved, best of
 `--repeats`; prints seconds and the baseline/shared ratio, and checks the maps agree.
 
@@ -17,7 +17,6 @@ import time
 import torch
 
 from caap.data import FashionGrid
-from caap.layer_selection import range_maps
 from caap.methods.caap import CAAP
 from caap.models import build_model
 from caap.models.layers import all_layer_ranges
@@ -42,7 +41,7 @@ def main() -> None:
     method = CAAP(score="delta")
 
     def shared() -> dict:
-        return dict(range_maps(method, model, images, target, ranges))
+        return dict(method.range_maps(model, images, target, ranges))
 
     def per_range() -> dict:
         return {

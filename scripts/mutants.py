@@ -47,8 +47,11 @@ class Mutant:
 
 
 CAAP = "src/caap/methods/caap.py"
+PATCHING = "src/caap/methods/patching.py"
 LIBRAGRAD = "src/caap/methods/libragrad.py"
 TOKENS = "src/caap/metrics/functional/faithfulness.py"
+REMOVAL = "src/caap/token_removal.py"
+VIT = "src/caap/models/vit.py"
 PIXELS = "src/caap/metrics/functional/pixel_perturbation.py"
 POINTING = "src/caap/metrics/functional/pointing.py"
 LOCALISATION = "src/caap/metrics/functional/localisation.py"
@@ -58,7 +61,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- CAAP engine ------------------------------------------------------------------------------------------
     Mutant(
         "caap-hold-positions",
-        CAAP,
+        PATCHING,
         'return list(range(start, stop)) if mode == "hold" else [start]',
         'return list(range(start, stop - 1)) if mode == "hold" else [start]',
         ("tests/test_caap.py",),
@@ -66,7 +69,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "caap-inject-position",
-        CAAP,
+        PATCHING,
         'return list(range(start, stop)) if mode == "hold" else [start]',
         'return list(range(start, stop)) if mode == "hold" else [stop - 1]',
         ("tests/test_caap.py",),
@@ -74,7 +77,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "caap-skip-first-write",
-        CAAP,
+        PATCHING,
         "            if j in write_at and rows.numel():",
         "            if j in write_at and j > start and rows.numel():",
         ("tests/test_caap.py",),
@@ -82,7 +85,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "caap-neutral-prefix-of-first-image",
-        CAAP,
+        PATCHING,
         "x = prefix.index_select(0, b if nb > 1 else torch.zeros_like(b))",
         "x = prefix.index_select(0, torch.zeros_like(b))",
         ("tests/test_caap.py",),
@@ -106,7 +109,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "caap-window-spreading",
-        CAAP,
+        PATCHING,
         "nww = math.ceil(gw / window)",
         "nww = math.ceil(gh / window)",
         ("tests/test_caap.py",),
@@ -115,10 +118,18 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "caap-noise-samples-not-averaged",
         CAAP,
-        "maps = (total / prefixes.shape[0])[inverse, slot][:, index]",
-        "maps = total[inverse, slot][:, index]",
+        "maps = (total[e] / len(prefixes))[inverse, slot][:, index]",
+        "maps = total[e][inverse, slot][:, index]",
         ("tests/test_caap.py",),
         "maps of several noise samples are summed, not averaged",
+    ),
+    Mutant(
+        "caap-branch-at-last-write-is-trunk",
+        PATCHING,
+        "split_at = {e for e in branches if e <= max(write_at, default=-1)}",
+        "split_at = {e for e in branches if e < max(write_at, default=-1)}",
+        ("tests/test_caap.py",),
+        "a branch at the last write position is taken as the trunk, which made that write (layers=auto landscape)",
     ),
     # -- LibraGrad rules ----------------------------------------------------------------------------------------
     Mutant(
@@ -157,8 +168,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "tokens-ranking-swapped",
         TOKENS,
-        'idx = order[:, n - kept :] if which == "mif" else order[:, :kept]',
-        'idx = order[:, :kept] if which == "mif" else order[:, n - kept :]',
+        'return torch.cat([rank >= c if o == "mif" else rank < n - c for o, c in keys])',
+        'return torch.cat([rank < n - c if o == "mif" else rank >= c for o, c in keys])',
         ("tests/test_faithfulness.py",),
         "MIF keeps the most attributed tokens and LIF the least (orders swapped)",
     ),
@@ -171,28 +182,52 @@ MUTANTS: tuple[Mutant, ...] = (
         "removal counts rounded down instead of to the nearest integer",
     ),
     Mutant(
-        "tokens-drop-keeps-removed-count",
-        TOKENS,
-        "groups.setdefault(n - c, []).append((o, step))",
-        "groups.setdefault(c, []).append((o, step))",
-        ("tests/test_faithfulness.py",),
-        "drop keeps as many tokens as it should remove",
+        "tokens-drop-keeps-removed",
+        REMOVAL,
+        "idx = keep[sel].nonzero()[:, 1].reshape(len(members), kept)",
+        "idx = (~keep[sel]).nonzero()[:, 1].reshape(len(members), keep.shape[1] - kept)",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "drop keeps the tokens it should remove",
     ),
     Mutant(
         "tokens-drop-prefix-offset",
-        TOKENS,
-        "tok = torch.cat([prefix.repeat(len(keys), 1), idx + npre], dim=1)",
-        "tok = torch.cat([prefix.repeat(len(keys), 1), idx], dim=1)",
-        ("tests/test_faithfulness.py",),
+        VIT,
+        "x = r0[rows[:, None], torch.cat([prefix, kept + npre], dim=1)]",
+        "x = r0[rows[:, None], torch.cat([prefix, kept], dim=1)]",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
         "kept patch indices are not shifted past the prefix tokens",
     ),
     Mutant(
-        "tokens-replace-orders-swapped",
-        TOKENS,
-        "removed = torch.where(lif, rr >= n - c, rr < c)",
-        "removed = torch.where(lif, rr < c, rr >= n - c)",
-        ("tests/test_faithfulness.py",),
-        "replacement removes the least attributed tokens for MIF",
+        "tokens-drop-rope-not-gathered",
+        VIT,
+        "rope = rope.to(x.device)[kept][:, None]",
+        "rope = rope.to(x.device)[: kept.shape[1]][None, None]",
+        ("tests/test_token_removal.py",),
+        "EVA's dropped sequence takes the first rotary positions instead of its tokens' own",
+    ),
+    Mutant(
+        "tokens-replace-swapped",
+        REMOVAL,
+        "torch.where(kp[..., None], seq[:, npre:], baseline[rp, npre:])",
+        "torch.where(kp[..., None], baseline[rp, npre:], seq[:, npre:])",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "replacement replaces the kept tokens instead of the removed ones",
+    ),
+    Mutant(
+        "tokens-mask-pools-removed",
+        REMOVAL,
+        "logits.append(model.head(x, kp))",
+        "logits.append(model.head(x))",
+        ("tests/test_token_removal.py",),
+        "the key-masked sequence's head pools the hidden tokens too",
+    ),
+    Mutant(
+        "tokens-empty-pool-not-zero",
+        VIT,
+        "            w = x.new_zeros(x.shape[0], 0)\n",
+        "            w = None\n",
+        ("tests/test_token_removal.py", "tests/test_faithfulness.py"),
+        "an empty pooled set is averaged by timm's mean (NaN) instead of the all-zero feature",
     ),
     # -- pixel deletion / insertion -----------------------------------------------------------------------------
     Mutant(
@@ -264,8 +299,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dedup-curves-not-reordered",
         "src/caap/metrics/curves.py",
-        "return index, cls, _cat(self.curves).reshape(-1, s)[order]",
-        "return index, cls, _cat(self.curves).reshape(-1, s)[: len(order)]",
+        "return index, cls, dim_zero_cat(stored).reshape(-1, s)[order]",
+        "return index, cls, dim_zero_cat(stored).reshape(-1, s)[: len(order)]",
         ("tests/test_dedup.py",),
         "curves are not de-duplicated with the values",
     ),

@@ -8,11 +8,11 @@ import torch
 from hydra.utils import instantiate
 
 from caap.methods import CAAP, AttentionRollout, FullGradPlus, GenAtt, RawAttention, TokenSampling
-from caap.methods.caap import neutral_prefix, patch_positions, patched_logits, source_states
 from caap.methods.gradient import Gradient
 from caap.methods.libragrad import libragrad
-from caap.metrics.functional.token_perturbation import deletion_curves
+from caap.methods.patching import neutral_prefix, patch_positions, patched_logits, source_states
 from caap.models import ViTClassifier, build_model
+from caap.token_removal import removal_logits
 from test_caap import reference_maps
 
 # (config, expected family, pooling, input side, crop_pct); the heavy ones are slow (ViT-B builds stay fast)
@@ -258,15 +258,16 @@ def test_methods_that_cannot_apply_fail_at_setup() -> None:
     for method in (RawAttention(), AttentionRollout(), GenAtt(), TokenSampling()):
         with pytest.raises(ValueError, match="mixer"):
             method.setup(mixer)
-    with pytest.raises(ValueError, match="fixed sequence length"):
-        deletion_curves(mixer, torch.rand(1, 3, 64, 64), torch.rand(1, 4, 4), torch.tensor([0]))
+    r0, keep = mixer.embed(torch.rand(1, 3, 64, 64)), torch.ones(1, 16, dtype=torch.bool)
+    for removal in ("drop", "mask"):  # the engine refuses; replacement keeps the length and runs
+        with pytest.raises(ValueError, match="fixed sequence length"):
+            removal_logits(mixer, r0, keep, removal=removal)
+    assert removal_logits(mixer, r0, keep, removal="replace", baseline=r0).shape == (1, 5)
     from caap.batch import AttributionBatch
-    from caap.metrics import MIF, SRG, TokenDeletionAUC
+    from caap.metrics import MIF, SRG
 
     with pytest.raises(ValueError, match="removal=replace"):  # LibraGrad's token dropping: refused at setup
         MIF().check_model(mixer)
-    with pytest.raises(ValueError, match="fixed sequence length"):
-        TokenDeletionAUC().check_model(mixer)
     srg = SRG(removal="replace", baseline="black", ratios=[0.5])  # replacement works on the Mixer
     srg.check_model(mixer)
     g = torch.Generator().manual_seed(0)

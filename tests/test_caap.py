@@ -14,12 +14,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from caap.methods.caap import (
-    CAAP,
-    estimate_sequence_bytes,
+from caap.methods.caap import CAAP
+from caap.methods.patching import (
     neutral_prefix,
     patch_positions,
     patched_logits,
+    patched_runs,
     patched_scores,
     resolve_chunk_size,
     source_states,
@@ -28,6 +28,7 @@ from caap.methods.caap import (
 )
 from caap.models import build_model
 from caap.models.layers import resolve_layer_range
+from caap.models.memory import estimate_sequence_bytes
 from caap.models.vit import ViTClassifier
 from caap.references import IMAGE_KINDS, DatasetMeanImage, NoiseImages, build_reference
 
@@ -222,6 +223,28 @@ def test_head_tokens_only_is_exact_and_optional() -> None:
     close(fast(unfused, images, target), slow(model, images, target))
 
 
+@pytest.mark.parametrize("key", ["fg_cls", "fg_avg"])  # with and without the prefix-only last block
+def test_branch_points_equal_the_runs_they_stand_for(key: str) -> None:
+    """A branch at e leaves the trunk before its write at e: at `start` it is the unpatched neutral run, at e
+    the hold run of (start, e), after the last write the trunk itself; the trunk is unchanged by branching."""
+    model, images = get_model(key), get_images(key)
+    depth, (gh, gw) = model.depth, model.grid_size(images)
+    start, mid, stop = 1, 3, depth + 1  # writes at 1..L (position L too: the branch at L skips it)
+    states = source_states(model, images, range(start, stop))
+    prefix = neutral_prefix(model, torch.full((1, 3, *images.shape[-2:]), 0.3), start)
+    masks, _ = window_masks(gh, gw, 2)
+    branches = (start, mid, depth, stop)
+    with torch.no_grad():
+        runs = list(patched_runs(model, states, prefix, masks, start, range(start, stop), branches, 5))
+        trunk = torch.cat([logits for _, _, logits, _ in runs])
+        got = {e: torch.cat([split[e] for *_, split in runs]) for e in branches}
+        close(got[start], unpatched_logits(model, prefix, start).expand(len(trunk), -1))
+        for e in (mid, depth, stop):
+            close(got[e], patched_logits(model, states, prefix, masks, start, e, chunk_size=7).flatten(0, 1))
+        close(trunk, got[stop])
+    assert not torch.equal(got[mid], got[stop])
+
+
 # -- (2) no patch / (3) all patches ---------------------------------------------------------------------------
 @pytest.mark.parametrize("key", ["fg_cls", "fg_avg", "fg_reg", "deit_distilled", "test_vit"])
 def test_no_patch_gives_neutral_and_all_patches_give_source(key: str) -> None:
@@ -381,8 +404,8 @@ def test_neutral_prefix_is_cached_and_invalidated(monkeypatch) -> None:
     model = build_model(FG, kwargs={"depth": 3}, img_size=28)
     images, target = torch.rand(2, 3, 28, 28), torch.tensor([0, 1])
     calls = []
-    real = caap_module.neutral_prefix
-    monkeypatch.setattr(caap_module, "neutral_prefix", lambda *a: calls.append(1) or real(*a))
+    real = caap_module.neutral_states
+    monkeypatch.setattr(caap_module, "neutral_states", lambda *a: calls.append(1) or real(*a))
     method = CAAP(start=1, stop=3, neutral="black")
     first = method(model, images, target)
     method(model, torch.rand(3, 3, 28, 28), torch.tensor([0, 1, 2]))

@@ -125,7 +125,7 @@ def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> Non
     cfg = compose_cfg(*overrides)
     assert cfg.data.name == name and cfg.data.batch_size > 0
     datamodule = build_datamodule(
-        cfg.data, build_model("vit_fashiongrid_patch7_56", class_names=list("abcdefghij"))
+        cfg, build_model("vit_fashiongrid_patch7_56", class_names=list("abcdefghij"))
     )
     size = DATA_SIZES[name]
     assert len(datamodule.dataset) == size
@@ -140,6 +140,18 @@ def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> Non
         torch.testing.assert_close(
             sample["image"][:, 28, 28], torch.tensor([200, 10, 10]) / 255, atol=0.01, rtol=0
         )
+
+
+def test_synthetic_data_takes_the_input_size_of_any_model(compose_cfg) -> None:
+    """`data=synthetic` with a 224 px backbone draws 224 px grids (unless data.dataset.image_size is set)."""
+    from caap.models import build_model
+    from caap.run import build_datamodule
+
+    model = build_model("vit_small_patch16_224", num_classes=10, kwargs={"depth": 1})
+    images = build_datamodule(compose_cfg("data=synthetic"), model).dataset[0]["image"][None]
+    assert images.shape == (1, 3, 224, 224) and model(images).shape == (1, 10)
+    set_size = compose_cfg("data=synthetic", "data.dataset.image_size=112")
+    assert build_datamodule(set_size, model).dataset[0]["image"].shape == (3, 112, 112)
 
 
 # (start, stop) of each layers option, and the range CAAP resolves from it on a 6-block model

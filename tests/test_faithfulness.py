@@ -221,9 +221,11 @@ def test_additive_model_known_answer() -> None:
         s = (model.embed(images)[0] @ m.head.weight[c]).double()
     b = float(m.head.bias[c].detach())
     ranked = s.sort(descending=True).values
-    ratios = [0.25, 0.5, 0.75]
-    mif = [float(ranked.mean()) + b] + [float(ranked[round(r * 64) :].mean()) + b for r in ratios]
-    lif = [float(ranked.mean()) + b] + [float(ranked[: 64 - round(r * 64)].mean()) + b for r in ratios]
+    ratios = [0.25, 0.5, 0.75, 1.0]
+    # every patch removed: the empty set pools to the all-zero feature, so the logit is the bias
+    mif = [float(ranked.mean()) + b] + [float(ranked[round(r * 64) :].mean()) + b for r in ratios[:-1]] + [b]
+    lif = [float(ranked.mean()) + b] + [float(ranked[: 64 - round(r * 64)].mean()) + b for r in ratios[:-1]]
+    lif.append(b)
     maps = s.float().reshape(1, 8, 8)
     cls = torch.tensor([c])
     got_mif = faithfulness_curves(model, images, maps, cls, "mif", "logit", ratios)[0].double()

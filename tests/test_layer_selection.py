@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.layer_selection import SELECTION_FILE, calibration_indices, range_maps
+from caap.layer_selection import SELECTION_FILE, calibration_indices
 from caap.maps_io import load_maps
 from caap.methods.caap import CAAP
 from caap.metrics import AttributionMetric
@@ -32,8 +32,8 @@ AUTO = [
     "method=caap",
     "layers=auto",
     "layers.calibration_images=3",
-    "layers.select_by._target_=caap.metrics.TokenDeletionAUC",
-    "+layers.select_by.fractions=[0.0,0.25,0.5,1.0]",
+    "layers.select_by._target_=caap.metrics.MIF",
+    "+layers.select_by.ratios=[0.25,0.5,1.0]",
     "metric=localisation",
     "logger=csv",
     "media_images=0",
@@ -69,7 +69,7 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
     target = torch.tensor([1, 4, 7, 2])
     ranges = all_layer_ranges(model.depth)
     method = CAAP(chunk_size=32, **options)
-    got = dict(range_maps(method, model, images, target, ranges))
+    got = dict(method.range_maps(model, images, target, ranges))
     assert list(got) == ranges
     for start, stop in ranges[:: 1 if options["mode"] == "hold" else 5]:
         reference = CAAP(start=start, stop=stop, chunk_size=32, **options).attribute(model, images, target)
@@ -90,8 +90,8 @@ def test_layers_auto_chooses_on_calibration_and_evaluates_on_disjoint_images(com
     chosen = json.loads((out / SELECTION_FILE).read_text())
     depth = 6  # timm's test_vit
     assert [(r["start"], r["stop"]) for r in chosen["landscape"]] == all_layer_ranges(depth)
-    # deletion AUC: lower is better, so the choice is the landscape's minimum
-    assert chosen["higher_is_better"] is False and chosen["metric"] == "TokenDeletionAUC"
+    # MIF with prob: lower is better, so the choice is the landscape's minimum
+    assert chosen["higher_is_better"] is False and chosen["metric"] == "MIF"
     best = min(chosen["landscape"], key=lambda r: r["value"])
     assert (chosen["start"], chosen["stop"], chosen["value"]) == (best["start"], best["stop"], best["value"])
     assert chosen["calibration_indices"] == [61, 62, 63]  # the last 3 of the 64 synthetic images
@@ -175,5 +175,7 @@ def test_layers_auto_calibrates_on_other_images_than_it_scores(compose_cfg) -> N
 
 
 def test_layers_auto_needs_caap(compose_cfg) -> None:
-    with pytest.raises(ValueError, match="layers=auto chooses CAAP's layer range"):
+    with pytest.raises(
+        ValueError, match=r"layers=auto chooses a layer range, but method=\S+Gradient has none"
+    ):
         evaluate(compose_cfg(*AUTO, "method=gradient"))

@@ -1,4 +1,4 @@
-"""Metrics: known answers for the pointing games and AUC, token removal vs physical removal, DDP de-dup."""
+"""Metrics: known answers for the pointing games and the curve area, curve metrics' wrappers, DDP de-dup."""
 
 from __future__ import annotations
 
@@ -10,27 +10,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
 
 from caap.batch import AttributionBatch
-from caap.metrics import (
-    AttributionMetric,
-    GridPointingGame,
-    PointingGame,
-    TokenDeletionAUC,
-    TokenInsertionAUC,
-)
-from caap.metrics.functional import (
-    DEFAULT_FRACTIONS,
-    curve_auc,
-    deletion_curves,
-    grid_pointing_game,
-    insertion_curves,
-    keep_masks,
-    pointing_game,
-    token_perturbation_curves,
-)
+from caap.metrics import LIF, MIF, AttributionMetric, CurveMetric, GridPointingGame, PointingGame
+from caap.metrics.functional import grid_pointing_game, pointing_game
+from caap.metrics.functional.faithfulness import faithfulness_curves
 from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
@@ -99,201 +85,35 @@ def test_pointing_game_known_answers() -> None:
     assert pointing_game(torch.full((1, 2, 2), float("nan")), masks[:1]).isnan().all()
 
 
-# -- AUC, orders ------------------------------------------------------------------------------------------
+# -- curve area -------------------------------------------------------------------------------------------
+class _Axis(CurveMetric):
+    """A curve metric with a given axis, to check the area."""
+
+    def __init__(self, x: list[float]) -> None:
+        super().__init__()
+        self.x = torch.tensor(x, dtype=torch.float64)
+
+    def axis(self) -> Tensor:
+        return self.x
+
+
 def test_trapezoid_auc_known_answers() -> None:
     curves = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
     torch.testing.assert_close(
-        curve_auc(curves[:1], [0.0, 0.5, 1.0]), torch.tensor([0.5], dtype=torch.float64)
+        _Axis([0.0, 0.5, 1.0]).auc(curves[:1]), torch.tensor([0.5], dtype=torch.float64)
     )
     torch.testing.assert_close(
-        curve_auc(curves[1:], [0.0, 0.25, 1.0]), torch.tensor([0.875], dtype=torch.float64)
+        _Axis([0.0, 0.25, 1.0]).auc(curves[1:]), torch.tensor([0.875], dtype=torch.float64)
     )
     flat = torch.full((1, 11), 0.3, dtype=torch.float64)
-    torch.testing.assert_close(curve_auc(flat), torch.tensor([0.3], dtype=torch.float64))
-    with pytest.raises(ValueError, match="increasing"):
-        curve_auc(curves, [0.0, 1.0, 0.5])
-
-
-def test_keep_masks_order_and_ties() -> None:
-    assert DEFAULT_FRACTIONS[0] == 0.0 and DEFAULT_FRACTIONS[-1] == 1.0 and len(DEFAULT_FRACTIONS) == 11
-    maps = torch.tensor([[[0.1, 0.9], [0.5, 0.3]], [[1.0, 1.0], [1.0, 1.0]]])
-    f = [0.0, 0.25, 0.5, 1.0]
-    dele = keep_masks(maps, f, "deletion")
-    ins = keep_masks(maps, f, "insertion")
-    assert dele.shape == (2, 4, 4)
-    # ranking of map 0: patch 1 (0.9), 2 (0.5), 3 (0.3), 0 (0.1); constant map 1: reading order 0, 1, 2, 3
-    assert dele[0].tolist() == [
-        [True] * 4,
-        [True, False, True, True],
-        [True, False, False, True],
-        [False] * 4,
-    ]
-    assert ins[0].tolist() == [
-        [False] * 4,
-        [False, True, False, False],
-        [False, True, True, False],
-        [True] * 4,
-    ]
-    assert dele[1].tolist() == [
-        [True] * 4,
-        [False, True, True, True],
-        [False, False, True, True],
-        [False] * 4,
-    ]
-    assert torch.equal(ins[1], ~dele[1])
-
-
-# -- token removal ---------------------------------------------------------------------------------------
-def _physical_reference(
-    model: ViTClassifier, images: Tensor, keep: Tensor, classes: Tensor, score: str
-) -> Tensor:
-    """One (image, fraction) at a time: gather the kept tokens, run the blocks without a mask, then the head."""
-    p, k, _ = keep.shape
-    npre = model.num_prefix_tokens
-    m = model.model
-    out = torch.empty(p, k)
-    with torch.no_grad():
-        r0 = model.embed(images)
-        for i in range(p):
-            for j in range(k):
-                idx = torch.cat([torch.arange(npre), npre + keep[i, j].nonzero().flatten()])
-                empty_pool = m.global_pool != "token" and not (npre and m.pool_include_prefix)
-                if empty_pool and not keep[i, j].any():  # nothing to pool: the documented all-zero feature
-                    logits = m.head(m.fc_norm(torch.zeros(1, r0.shape[-1])))
-                else:
-                    logits = model.head(model.forward_blocks(r0[i : i + 1, idx]))
-                values = model.probabilities(logits) if score == "prob" else logits
-                out[i, j] = values[0, classes[i]]
-    return out
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [None, dict(global_pool="avg", class_token=False), dict(global_pool="avg", pool_include_prefix=True)],
-    ids=["cls", "avg-noprefix", "avg-with-prefix"],
-)
-@pytest.mark.parametrize("mode", ["deletion", "insertion"])
-def test_masked_batch_equals_physical_removal(kwargs: dict | None, mode: str) -> None:
-    model = _model(kwargs)
-    g = torch.Generator().manual_seed(4)
-    images = torch.rand(2, 3, 56, 56, generator=g)
-    maps = torch.randn(2, 8, 8, generator=g)
-    maps[1, :4] = 0.0  # ties
-    classes = torch.tensor([2, 7])
-    f = [0.0, 0.1, 0.37, 0.5, 0.9, 1.0]
-    score = "prob" if mode == "deletion" else "logit"
-    curves = token_perturbation_curves(model, images, maps, classes, f, mode, score, max_batch=5)
-    ref = _physical_reference(model, images, keep_masks(maps, f, mode), classes, score)
-    torch.testing.assert_close(curves, ref, atol=1e-5, rtol=0)
-
-
-def test_registers_avg_pool_model() -> None:
-    """A timm test ViT with a register token and avg pooling (DINOv2-like layout), 4x4 patch grid."""
-    model = _model(name="test_vit2", multilabel=False)
-    g = torch.Generator().manual_seed(5)
-    images, maps, classes = (
-        torch.rand(2, 3, 64, 64, generator=g),
-        torch.randn(2, 4, 4, generator=g),
-        torch.tensor([1, 3]),
-    )
-    for mode in ("deletion", "insertion"):
-        curves = token_perturbation_curves(model, images, maps, classes, None, mode, "prob")
-        ref = _physical_reference(model, images, keep_masks(maps, None, mode), classes, "prob")
-        torch.testing.assert_close(curves, ref, atol=1e-5, rtol=0)
-
-
-def test_curve_endpoints(cls_model: ViTClassifier) -> None:
-    g = torch.Generator().manual_seed(6)
-    images, maps, classes = (
-        torch.rand(3, 3, 56, 56, generator=g),
-        torch.randn(3, 8, 8, generator=g),
-        torch.tensor([0, 4, 9]),
-    )
-    with torch.no_grad():
-        logits = cls_model(images)
-    prob = cls_model.probabilities(logits)[range(3), classes]
-    dele = deletion_curves(cls_model, images, maps, classes)
-    ins = insertion_curves(cls_model, images, maps, classes)
-    assert dele.shape == ins.shape == (3, 11)
-    torch.testing.assert_close(dele[:, 0], prob, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ins[:, -1], prob, atol=1e-5, rtol=0)
-    torch.testing.assert_close(dele[:, -1], ins[:, 0])  # both: prefix tokens only
-    ins_logit = insertion_curves(cls_model, images, maps, classes, score="logit")
-    torch.testing.assert_close(ins_logit[:, -1], logits[range(3), classes], atol=1e-5, rtol=0)
-
-
-def _additive_model() -> tuple[ViTClassifier, Tensor]:
-    """Blocks are the identity, no norms, avg pool: logit_c = b_c + mean over kept patches of s_c[i]."""
-    model = _model(dict(global_pool="avg", class_token=False))
-    m = model.model
-    with torch.no_grad():
-        for block in m.blocks:
-            for lin in (block.attn.proj, block.mlp.fc2):
-                lin.weight.zero_()
-                lin.bias.zero_()
-    m.norm, m.fc_norm = nn.Identity(), nn.Identity()
-    return model, m.head.weight.detach()
-
-
-def test_known_answer_additive_model() -> None:
-    model, w = _additive_model()
-    g = torch.Generator().manual_seed(7)
-    images = torch.rand(1, 3, 56, 56, generator=g)
-    c = 3
-    with torch.no_grad():
-        s = (model.embed(images)[0] @ w[c]).double()  # [64] per-patch contributions, the true ranking
-    b = float(model.model.head.bias[c].detach())
-    n = s.numel()
-    f = [0.0, 0.25, 0.5, 0.75, 1.0]
-    ranked = s.sort(descending=True).values
-    counts = [round(x * n) for x in f]
-    want_del = [float(ranked[k:].mean()) + b if k < n else b for k in counts]
-    want_ins = [float(ranked[:k].mean()) + b if k > 0 else b for k in counts]
-    maps = s.float().reshape(1, 8, 8)
-    classes = torch.tensor([c])
-    dele = deletion_curves(model, images, maps, classes, f, score="logit")
-    ins = insertion_curves(model, images, maps, classes, f, score="logit")
     torch.testing.assert_close(
-        dele[0].double(), torch.tensor(want_del, dtype=torch.float64), atol=1e-4, rtol=0
+        _Axis([i / 10 for i in range(11)]).auc(flat), torch.tensor([0.3], dtype=torch.float64)
     )
     torch.testing.assert_close(
-        ins[0].double(), torch.tensor(want_ins, dtype=torch.float64), atol=1e-4, rtol=0
+        MIF(ratios=[0.5, 1.0]).auc(curves[:1]), torch.tensor([0.5], dtype=torch.float64)
     )
-    # the true ranking beats its reverse on both metrics
-    rev = deletion_curves(model, images, -maps, classes, f, score="logit")
-    assert curve_auc(dele, f) < curve_auc(rev, f)
-    rev_ins = insertion_curves(model, images, -maps, classes, f, score="logit")
-    assert curve_auc(ins, f) > curve_auc(rev_ins, f)
-
-
-def test_known_answer_one_patch_model() -> None:
-    """The logit depends on one patch only: deleting it first drops the score to the no-patch value at once."""
-    model, _ = _additive_model()
-    images = torch.rand(1, 3, 56, 56, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        r0 = model.embed(images)[0]
-        model.model.head.weight.zero_()
-        model.model.head.bias.zero_()
-        d = torch.zeros(r0.shape[-1])
-        d[0] = 1.0
-        model.model.head.weight[0] = d
-        model.model.pos_embed[0, :, 0] -= r0[:, 0]  # every patch's coordinate 0 cancelled ...
-        model.model.pos_embed[0, 37, 0] += 64.0  # ... except patch 37, whose contribution is 64
-    maps = torch.zeros(1, 8, 8)
-    maps.view(-1)[37] = 1.0
-    f = [0.0, 0.5, 1.0]
-    dele = deletion_curves(model, images, maps, torch.tensor([0]), f, score="logit")
-    ins = insertion_curves(model, images, maps, torch.tensor([0]), f, score="logit")
-    # deletion: 64 / 64 = 1 with all patches, then 0; insertion: 0 with none, 64 / 32 = 2 with the top half
-    torch.testing.assert_close(dele[0], torch.tensor([1.0, 0.0, 0.0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(ins[0], torch.tensor([0.0, 2.0, 1.0]), atol=1e-4, rtol=0)
-
-
-def test_nan_map_gives_nan_curve(cls_model: ViTClassifier) -> None:
-    maps = torch.randn(2, 8, 8)
-    maps[1, 0, 0] = float("nan")
-    curves = deletion_curves(cls_model, torch.rand(2, 3, 56, 56), maps, torch.tensor([0, 1]), [0.0, 0.5, 1.0])
-    assert torch.isfinite(curves[0]).all() and curves[1].isnan().all()
+    nan = torch.tensor([[1.0, float("nan"), 0.0]], dtype=torch.float64)
+    assert _Axis([0.0, 0.5, 1.0]).auc(nan).isnan().all()
 
 
 # -- metric wrappers, de-dup, NaN handling ---------------------------------------------------------------
@@ -407,42 +227,47 @@ def test_ddp_dedup_equals_single_process() -> None:
 def test_token_metrics_curves_and_dedup(cls_model: ViTClassifier) -> None:
     g = torch.Generator().manual_seed(10)
     images, maps = torch.rand(3, 3, 56, 56, generator=g), torch.randn(3, 8, 8, generator=g)
-    f = [0.0, 0.5, 1.0]
-    dele, ins = TokenDeletionAUC(fractions=f), TokenInsertionAUC(fractions=f, score="logit")
+    ratios = [0.5, 1.0]
+    dele, ins = MIF(ratios=ratios), LIF(ratios=ratios, score="logit")
     assert dele.requires_model and ins.requires_model
     assert not dele.higher_is_better and ins.higher_is_better
     with pytest.raises(ValueError, match="ViTClassifier"):
         dele.update(_batch([0], maps[:1], [0], images[:1]))
-    single = TokenDeletionAUC(fractions=f)
+    single = MIF(ratios=ratios)
     single.update(_batch([0, 1, 2], maps, [0, 5, 9], images), cls_model)
-    r0, r1 = TokenDeletionAUC(fractions=f), TokenDeletionAUC(fractions=f)
+    r0, r1 = MIF(ratios=ratios), MIF(ratios=ratios)
     r0.update(_batch([0, 1], maps[:2], [0, 5], images[:2]), cls_model)
     r1.update(_batch([2, 0], maps[[2, 0]], [9, 0], images[[2, 0]]), cls_model)  # 0 padded again
     _fake_ddp(r0, r1)
     torch.testing.assert_close(r0.compute(), single.compute())
-    frac, mean = r0.curve()
+    axis, mean = r0.curve()
     _, mean1 = single.curve()
     torch.testing.assert_close(mean, mean1)
-    assert frac.tolist() == f and mean.shape == (3,)
+    assert axis.tolist() == [0.0, *ratios] and mean.shape == (3,)
     _, _, curves = single.per_sample_curves()
-    torch.testing.assert_close(single.compute(), curve_auc(curves, f).mean())
+    want = torch.trapezoid(curves, x=torch.tensor([0.0, *ratios], dtype=torch.float64), dim=1).mean()
+    torch.testing.assert_close(single.compute(), want)
     torch.testing.assert_close(mean1, curves.mean(0))
+    ref = faithfulness_curves(cls_model, images, maps, torch.tensor([0, 5, 9]), "mif", "prob", ratios)
+    torch.testing.assert_close(curves, ref.double())
 
     ins.update(_batch([0, 1, 2], maps, [0, 5, 9], images), cls_model)
     with torch.no_grad():
         logits = cls_model(images)[range(3), [0, 5, 9]]
-    torch.testing.assert_close(ins.curve()[1][-1], logits.double().mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ins.curve()[1][0], logits.double().mean(), atol=1e-5, rtol=0)
 
 
 def test_token_metric_nan_map_skipped(cls_model: ViTClassifier, caplog: pytest.LogCaptureFixture) -> None:
     maps = torch.randn(2, 8, 8)
     maps[0] = float("nan")
-    metric = TokenDeletionAUC(fractions=[0.0, 1.0])
+    metric = MIF(ratios=[1.0])
     with caplog.at_level(logging.WARNING):
         metric.update(_batch([0, 1], maps, [0, 1], torch.rand(2, 3, 56, 56)), cls_model)
         value = metric.compute()
     assert math.isfinite(float(value)) and "1 of 2 values undefined" in caplog.text
     assert torch.isfinite(metric.curve()[1]).all()
+    _, _, curves = metric.per_sample_curves()
+    assert curves[0].isnan().all() and torch.isfinite(curves[1]).all()
 
 
 def test_sub_results_take_their_metric_direction() -> None:

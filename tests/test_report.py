@@ -93,7 +93,7 @@ def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
     assert written["higher_is_better"] == {n: m.higher_is_better for n, m in metrics.items()}
     assert set(written["higher_is_better"].values()) == {True, False}  # both directions in the default set
     curves = json.loads((folder / "curves.json").read_text())
-    curve_metrics = {n for n, m in metrics.items() if callable(getattr(m, "curve", None))}
+    curve_metrics = {n for n, m in metrics.items() if m.curve() is not None}  # None: no curve
     assert curve_metrics and set(curves) == curve_metrics
     for name in curve_metrics:
         x, y = curves[name]["x"], curves[name]["y"]

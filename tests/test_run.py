@@ -58,6 +58,9 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
 
     written = json.loads((out / "metrics.json").read_text())
     assert written["metrics"] == results
+    # written once, with the run's timing and W&B facts, and the finished mark
+    assert written["finished"] is True and written["seconds"] > 0 and written["images_per_second"] > 0
+    assert written["wandb_mode"] == "offline" and Path(written["wandb_dir"]).parent == out / "wandb"
     data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
     expected_keys = {(i, int(c)) for i in range(6) for c in data[i]["target"].nonzero().flatten()}
     assert written["num_maps"] == len(expected_keys)
@@ -110,6 +113,39 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
         assert float(logged[f"test/{name}"]) == pytest.approx(value, rel=1e-6)
     media = {k.split("/")[0] for k in logged}
     assert {"maps", "per_image"} <= media, sorted(logged)
+
+
+def test_callbacks_are_configurable(compose_cfg) -> None:
+    """A callback dropped by override writes nothing; one added by override runs; metrics.json stays."""
+    cfg = compose_cfg(
+        *FAST,
+        "logger=csv",
+        "method=random",
+        "report_images=4",
+        "~callbacks.sample_images",
+        "+callbacks.timer={_target_: lightning.pytorch.callbacks.Timer}",
+    )
+    evaluate(cfg)
+    out = Path(cfg.output_dir)
+    assert not (out / "images.safetensors").exists()
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
+
+
+def test_wandb_run_is_finished_when_the_run_raises(compose_cfg, monkeypatch) -> None:
+    import wandb
+
+    from caap.lit.module import AttributionModule
+
+    def failing_step(self, batch, batch_idx):
+        _ = self.logger.experiment  # the W&B run has started
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(AttributionModule, "test_step", failing_step)
+    cfg = compose_cfg(*FAST, "logger=wandb", "method=random")
+    with pytest.raises(RuntimeError, match="planted failure"):
+        evaluate(cfg)
+    assert wandb.run is None
+    assert not (Path(cfg.output_dir) / "metrics.json").exists()
 
 
 def test_target_pred_gives_one_map_per_image(compose_cfg) -> None:

@@ -1,8 +1,11 @@
-"""`AttributionBatch`: the maps of one step with everything a metric needs to score them."""
+"""`AttributionBatch`: the maps of one step with everything a metric needs to score them, and the (image,
+class) pairs a data batch asks maps of (`select_targets`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +40,27 @@ class AttributionBatch:
     def __len__(self) -> int:
         return self.maps.shape[0]
 
+    @classmethod
+    def from_data(
+        cls, batch: Mapping[str, Any], rows: Tensor, classes: Tensor, maps: Tensor
+    ) -> AttributionBatch:
+        """The pairs `(batch image rows[p], classes[p])` `[P]` of a data batch (`collate_skip_none`'s dict:
+        `image [B, 3, H, W]`, `index [B]`, optional `target [B, C]`, `masks {cell, item: [B, C, H, W]}`,
+        `segmentation [B, H, W]`) with their `maps [P, gh, gw]` (stored as float32)."""
+        images = batch["image"][rows]
+        masks = batch.get("masks") or {}
+        labels, segmentation = batch.get("target"), batch.get("segmentation")
+        return cls(
+            images=images,
+            maps=maps.float(),
+            classes=classes,
+            index=torch.as_tensor(batch["index"], device=images.device)[rows],
+            labels=None if labels is None else labels[rows],
+            cell_masks=masks["cell"][rows] if "cell" in masks else None,
+            item_masks=masks["item"][rows] if "item" in masks else None,
+            segmentation=None if segmentation is None else segmentation[rows],
+        )
+
     def target_masks(self, kind: str = "cell") -> Tensor | None:
         """The target class's own mask `[P, H, W]` (bool), or None when the dataset has no masks."""
         if kind not in ("cell", "item"):
@@ -67,3 +91,28 @@ def segmentation_from_masks(masks: Tensor) -> Tensor:
     class id wins on overlap)."""
     classes = torch.arange(masks.shape[0], device=masks.device)[:, None, None]
     return torch.where(masks, classes, BACKGROUND).amax(0).clamp_min(BACKGROUND)
+
+
+TARGETS = ("label", "pred")
+
+
+def select_targets(
+    batch: Mapping[str, Any], target: str, model: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """`(rows [P], classes [P])`: which image of a data batch each map explains, and for which class.
+
+    `target="label"` explains every class present in an image (from the multi-hot `target [B, C]`),
+    `target="pred"` the model's top class (one forward of `model` on `image [B, 3, H, W]`).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target='{target}' is not supported; allowed: {list(TARGETS)}")
+    images = batch["image"]
+    if target == "pred":
+        with torch.no_grad():
+            classes = model(images).argmax(-1)
+        return torch.arange(images.shape[0], device=images.device), classes
+    labels = batch.get("target")
+    if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
+        raise ValueError("target=label needs labelled data, but this dataset has no labels; use target=pred")
+    rows, classes = (labels > 0).nonzero(as_tuple=True)
+    return rows, classes

@@ -1,25 +1,20 @@
-"""`layers=auto`: choose CAAP's layer range (start, stop) on calibration images by a metric, then evaluate on others.
+"""`layers=auto`: choose the method's layer range on calibration images by a metric, then evaluate on others.
 
-CAAP (Izadi et al., arXiv 2603.13652) leaves the layer range to the user; `layers=auto` scores every valid range
-of the model (`caap.models.layers.all_layer_ranges`) on a calibration split with a chosen metric
-(`layers.select_by`, any `AttributionMetric` config; its `higher_is_better` says which way is better) and keeps
-the best. The calibration images are the last `layers.calibration_images` images of the dataset; they are
-removed from the evaluated images, so calibration and evaluation never share an image.
-
-The landscape is computed with the batched CAAP engine's pieces, sharing the work that ranges share: one
-source pass per batch caches the patch tokens of every residual position, one neutral pass gives the neutral
-`r_start` of every start and the unpatched neutral logits (the same for every range), and the patched runs of
-the ranges with one start are computed as one trunk with a branch per stop (`_branching_scores`: hold-mode
-runs of (s, e) and (s, e') agree through block e - 1), about half the block passes of one CAAP call per
-range. `range_maps` equals `CAAP.attribute` run range by range (tested).
+CAAP (Izadi et al., arXiv 2603.13652) leaves the layer range to the user; `layers=auto` scores every range the
+method offers (`AttributionMethod.layer_ranges`) on a calibration split with a chosen metric (`layers.select_by`,
+any `AttributionMetric` config; its `higher_is_better` says which way is better) and keeps the best. The
+calibration images are the last `layers.calibration_images` images of the dataset; they are removed from the
+evaluated images, so calibration and evaluation never share an image. The maps of every range come from the
+method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,25 +24,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from rich.progress import Progress
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from caap.batch import AttributionBatch
+from caap.batch import AttributionBatch, select_targets
 from caap.data import AttributionDataModule
 from caap.data.collate import collate_skip_none
-from caap.methods.caap import (
-    CAAP,
-    _cast_images,
-    _prefix_only_block,
-    _prefix_only_supported,
-    _score,
-    group_rows_by_image,
-    head_reads_prefix_only,
-    patch_positions,
-    source_states,
-    window_masks,
-)
+from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric
-from caap.models.layers import all_layer_ranges
 from caap.models.vit import ViTClassifier
 
 log = logging.getLogger(__name__)
@@ -80,126 +63,14 @@ class LayerSelection:
         path = Path(folder) / SELECTION_FILE
         return cls(**json.loads(path.read_text())) if path.exists() else None
 
-
-def _branching_scores(
-    model: ViTClassifier,
-    states: dict[int, Tensor],
-    prefix: Tensor,
-    targets: Tensor,
-    masks: Tensor,
-    start: int,
-    stops: Sequence[int],
-    method: CAAP,
-    chunk_size: int,
-    neutral_logits: Tensor,
-) -> dict[int, Tensor]:
-    """Scores `{stop: [B, K, n]}` of the patched runs of every range `(start, stop)`, `stop` in `stops`.
-
-    The ranges of one start share their patched runs up to their first difference: in `hold` mode the runs of
-    `(start, e)` and `(start, e')` with e < e' are the same through block e - 1, so one trunk run writes the
-    source tokens at every position and, at each position e in `stops`, a branch finishes the run without
-    writing (about half the block passes of running each range on its own). In `inject` mode (writes at
-    `start` only) every stop gives the same run, computed once.
-    """
-    depth, p = model.depth, model.num_prefix_tokens
-    batch, k = targets.shape
-    n = masks.shape[0]
-    fast = method.head_tokens_only and depth > start and head_reads_prefix_only(model)
-    fast = fast and _prefix_only_supported(model.blocks[depth - 1])
-    hold = method.mode == "hold"
-    last = max(stops) if hold else start + 1
-    write_at = {j for j in patch_positions(start, last, method.mode) if not (fast and j == depth)}
-    nl = neutral_logits.float()
-    neutral_t = None
-    if method.score == "delta":
-        neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, targets)
-    out = {e: torch.empty(batch * n, k, dtype=torch.float32, device=prefix.device) for e in stops}
-    masks = masks.to(prefix.device)
-    nb = prefix.shape[0]
-
-    def block(j: int, x: Tensor) -> Tensor:
-        return _prefix_only_block(model.blocks[j], x, p) if fast and j == depth - 1 else model.blocks[j](x)
-
-    def finish(x: Tensor, j: int) -> Tensor:  # blocks j..L-1 without writing, then the head
-        for i in range(j, depth):
-            x = block(i, x)
-        return model.head(x).float()
-
-    for q0 in range(0, batch * n, max(1, int(chunk_size))):
-        q1 = min(batch * n, q0 + int(chunk_size))
-        q = torch.arange(q0, q1, device=prefix.device)
-        b, w = q // n, q % n
-        rows, patch = masks[w].nonzero(as_tuple=True)
-        src_b, tok = b[rows], patch + p
-        x = prefix.index_select(0, b if nb > 1 else torch.zeros_like(b))
-        logits: dict[int, Tensor] = {}
-        for j in range(start, depth + 1):
-            if hold and j > start and j in out:
-                logits[j] = finish(x, j)  # range (start, j): written at start..j-1 (x is not modified)
-            if j in write_at and rows.numel():
-                x.index_put_((rows, tok), states[j][src_b, patch].to(x.dtype))
-            if j < depth:
-                x = block(j, x)
-        final = model.head(x).float()
-        for e in out:
-            if e not in logits:  # hold: stop = L + 1 (written through L); inject: every stop
-                logits[e] = final
-        for e, lg in logits.items():
-            out[e][q0:q1] = _score(
-                lg, targets[b], method.score, model.multilabel, None if neutral_t is None else neutral_t[b]
-            )
-    return {e: v.view(batch, n, k).permute(0, 2, 1) for e, v in out.items()}
-
-
-def range_maps(
-    method: CAAP,
-    model: ViTClassifier,
-    images: Tensor,
-    target: Tensor,
-    ranges: Sequence[tuple[int, int]],
-) -> Iterator[tuple[tuple[int, int], Tensor]]:
-    """CAAP maps `[B, gh, gw]` of `images [B, 3, H, W]` for `target [B]`, for each resolved range in `ranges`.
-
-    Uses `method`'s mode, score, window, neutral context and chunking; equals `method.attribute` with
-    `start, stop` set to each range. Shared between ranges: one source pass, one neutral pass (the neutral
-    `r_start` of every start and the unpatched logits), and the patched runs of ranges with the same start
-    up to where they differ (`_branching_scores`). Yields as each start is done: by start, then stop (the
-    order of `all_layer_ranges`).
-    """
-    gh, gw = model.grid_size(images)
-    masks, index = window_masks(gh, gw, method.window, images.device)
-    with torch.no_grad():
-        unique, targets, inverse, slot = group_rows_by_image(images, target)
-        positions = sorted({j for s, e in ranges for j in patch_positions(s, e, method.mode)})
-        states = source_states(model, unique, positions)
-        starts = sorted({s for s, _ in ranges})
-        neutral_images = method.neutral.images(unique, model)  # [S, 1 or B, 3, H, W]
-        prefixes: list[dict[int, Tensor]] = []
-        logits: list[Tensor] = []
-        for imgs in neutral_images:
-            x = model.embed(_cast_images(model, imgs))
-            at: dict[int, Tensor] = {}
-            for j in range(model.depth + 1):
-                if j in starts:
-                    at[j] = x
-                if j < model.depth:
-                    x = model.blocks[j](x)
-            prefixes.append(at)
-            logits.append(model.head(x).float())  # unpatched neutral logits: the same for every start
-        chunk = method.chunk_for(model, unique)
-    # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
-    for start in starts:
-        with torch.no_grad():
-            stops = sorted({e for s, e in ranges if s == start})
-            total: dict[int, Tensor] = {}
-            for at, nl in zip(prefixes, logits, strict=True):
-                scores = _branching_scores(
-                    model, states, at[start], targets, masks, start, stops, method, chunk, nl
-                )
-                total = scores if not total else {e: total[e] + scores[e] for e in stops}
-        for e in stops:
-            m = (total[e] / len(prefixes))[inverse, slot][:, index]
-            yield (start, e), m.view(images.shape[0], gh, gw)
+    def applied_to(self, cfg: DictConfig) -> DictConfig:
+        """A copy of `cfg` with `layers.start/stop` set to this range: the record of what ran (config.yaml, the
+        W&B config, resume's config check); the method configs read the range by interpolation."""
+        record = copy.deepcopy(cfg)
+        with open_dict(record):
+            record.layers.start = self.start
+            record.layers.stop = self.stop
+        return record
 
 
 def calibration_indices(dataset_size: int, num_images: int) -> list[int]:
@@ -218,42 +89,63 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
-def select_layer_range(
-    cfg: DictConfig, model: ViTClassifier, datamodule: AttributionDataModule, progress: bool = True
-) -> LayerSelection:
-    """Score every layer range on the calibration images with `cfg.layers.select_by`; return the best.
+def choose_layer_range(
+    cfg: DictConfig,
+    method: AttributionMethod,
+    model: ViTClassifier,
+    datamodule: AttributionDataModule,
+    resume: bool = False,
+) -> LayerSelection | None:
+    """Under `layers=auto` (a `layers.select_by` metric), the chosen range; None for a fixed range.
 
-    Also removes the calibration images from `datamodule`'s evaluated images.
+    The range saved in the run folder is reused when resuming, else it is chosen now and saved there. The
+    calibration images leave `datamodule`'s evaluated images, and `method` maps at the chosen range from now on.
     """
-    from caap.lit.module import AttributionModule
-
-    started = time.perf_counter()
-    auto = cfg.layers
-    method = instantiate(cfg.method)
-    if not isinstance(method, CAAP):
+    auto = cfg.get("layers")
+    if auto is None or auto.get("select_by") is None:
+        return None
+    if not method.layer_ranges(model):
         raise ValueError(
-            f"layers=auto chooses CAAP's layer range, but method={cfg.method.get('_target_')} has none; "
+            f"layers=auto chooses a layer range, but method={cfg.method.get('_target_')} has none; "
             "use method=caap or another layers option"
         )
-    method.setup(model)
-    metric_template: AttributionMetric = instantiate(auto.select_by)
-    name = metric_template.name
-    dataset = datamodule.dataset
-    calib = calibration_indices(len(dataset), int(auto.calibration_images))  # type: ignore[arg-type]
+    selection = LayerSelection.load(cfg.output_dir) if resume else None
+    if selection is not None:
+        calib = selection.calibration_indices
+    else:
+        calib = calibration_indices(len(datamodule.dataset), int(auto.calibration_images))  # type: ignore[arg-type]
     datamodule.exclude(calib)
     if not datamodule.indices:
         raise ValueError(
             f"layers=auto: no images left to evaluate after setting aside the last {len(calib)} for calibration"
         )
-    if hasattr(method, "prepare"):
-        method.prepare(dataset)
+    if selection is None:
+        selection = select_layer_range(cfg, method, model, datamodule.dataset, calib)
+        selection.save(cfg.output_dir)
+    method.use_layer_range(selection.start, selection.stop)
+    return selection
+
+
+def select_layer_range(
+    cfg: DictConfig,
+    method: AttributionMethod,
+    model: ViTClassifier,
+    dataset: Dataset,
+    calib: Sequence[int],
+    progress: bool = True,
+) -> LayerSelection:
+    """Score every range of `method.layer_ranges(model)` on the images `calib` of `dataset` with
+    `cfg.layers.select_by`; return the best (ties: the first in `layer_ranges` order)."""
+    started = time.perf_counter()
+    auto = cfg.layers
+    metric_template: AttributionMetric = instantiate(auto.select_by)
+    name = metric_template.name
     device = _device(cfg)
     model = model.to(device).eval()
-    selector = AttributionModule(model, method, {}, target=cfg.target)
-    ranges = all_layer_ranges(model.depth)
+    ranges = method.layer_ranges(model)
     metrics = {r: instantiate(auto.select_by).to(device) for r in ranges}
     loader = DataLoader(
-        Subset(dataset, calib),  # type: ignore[arg-type]
+        Subset(dataset, calib),
         batch_size=int(auto.get("batch_size") or cfg.data.batch_size),
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
@@ -267,24 +159,12 @@ def select_layer_range(
             if batch is None:
                 continue
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            rows, classes = selector.select_targets(batch)
-            images = batch["image"][rows]
-            masks = batch.get("masks") or {}
-            for (start, stop), maps in range_maps(method, model, images, classes, ranges):
-                attribution = AttributionBatch(
-                    images=images,
-                    maps=maps.float(),
-                    classes=classes,
-                    index=torch.as_tensor(batch["index"], device=device)[rows],
-                    labels=batch["target"][rows] if batch.get("target") is not None else None,
-                    cell_masks=masks["cell"][rows] if "cell" in masks else None,
-                    item_masks=masks["item"][rows] if "item" in masks else None,
-                    segmentation=batch["segmentation"][rows]
-                    if batch.get("segmentation") is not None
-                    else None,
-                )
+            rows, classes = select_targets(batch, cfg.target, model)
+            for (start, stop), maps in method.range_maps(model, batch["image"][rows], classes, ranges):
                 with torch.no_grad():
-                    metrics[(start, stop)].update(attribution, model)
+                    metrics[(start, stop)].update(
+                        AttributionBatch.from_data(batch, rows, classes, maps), model
+                    )
                 bar.advance(task)
     landscape = [{"start": s, "stop": e, "value": float(metrics[(s, e)].compute())} for s, e in ranges]
     higher = bool(metric_template.higher_is_better)
@@ -299,7 +179,7 @@ def select_layer_range(
         metric=name,
         higher_is_better=higher,
         landscape=landscape,
-        calibration_indices=calib,
+        calibration_indices=list(calib),
         seconds=time.perf_counter() - started,
     )
     log.info(
@@ -308,13 +188,6 @@ def select_layer_range(
         len(ranges), len(calib), selection.seconds,
     )  # fmt: skip
     return selection
-
-
-def apply_selection(cfg: DictConfig, selection: LayerSelection) -> None:
-    """Set `cfg.layers.start/stop` to the chosen range (the method config reads them by interpolation)."""
-    with open_dict(cfg):
-        cfg.layers.start = selection.start
-        cfg.layers.stop = selection.stop
 
 
 def log_selection(selection: LayerSelection, loggers: Sequence[Any]) -> None:

@@ -29,8 +29,10 @@ from torch import Tensor
 from caap.maps_io import load_maps
 
 #: Config keys that may change between a killed run and its continuation (where and how it runs, not what
-#: it computes).
-MAY_DIFFER = ("output_dir", "resume", "logger", "trainer", "media_images", "data.num_workers")
+#: it computes). `datamodule` only interpolates `data.*`, which is compared.
+MAY_DIFFER = (
+    "output_dir", "resume", "logger", "trainer", "callbacks", "media_images", "data.num_workers", "datamodule",
+)  # fmt: skip
 FINISHED_KEY = "finished"
 
 
@@ -53,7 +55,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_differences(stored: dict[Any, Any], current: dict[Any, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ignoring `MAY_DIFFER` keys."""
     a, b = _flatten(stored), _flatten(current)
 

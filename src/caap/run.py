@@ -1,17 +1,19 @@
-"""`evaluate(cfg)`: build the configured model, method, data, metrics and loggers, run the loop, return metrics.
+"""`evaluate(cfg)`: build the configured model, method, data, metrics, loggers and callbacks, run the loop.
 
 Outputs (a contract that reports and resumption rely on), all in `cfg.output_dir`:
-`metrics.json` (final metric values, each metric's `higher_is_better`, and run facts), `curves.json` (the mean
-curve `{"x": [K], "y": [K]}` of each curve metric, e.g. deletion / insertion), `images.safetensors` (the
-first `report_images` images, uint8 `[3, H, W]` by dataset index), `per_image.csv` (one row per image and class), `maps/`
-(safetensors keyed by dataset index and class, see `caap.maps_io`), `config.yaml` (the composed config), `csv/`
-(Lightning's CSV log) and `wandb/` (the offline W&B run, when the wandb logger is on).
+`metrics.json` (final metric values, each metric's `higher_is_better`, and run facts; written last, with
+`"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g. deletion /
+insertion), `images.safetensors` (the first `report_images` images, uint8 `[3, H, W]` by dataset index),
+`per_image.csv` (one row per image and class), `maps/` (safetensors keyed by dataset index and class, see
+`caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
+`layers_auto.json` (`layers=auto`'s choice and landscape), `csv/` (Lightning's CSV log) and `wandb/` (the
+offline W&B run, when the wandb logger is on). The callbacks group (conf/callbacks) writes all but the config.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,34 +22,27 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from caap.data import AttributionDataModule
-from caap.layer_selection import LayerSelection, apply_selection, log_selection, select_layer_range
-from caap.lit.callbacks import MapWriter, RunOutputs, SampleImages, WandbMedia
-from caap.lit.module import AttributionModule
+from caap.layer_selection import LayerSelection, choose_layer_range, log_selection
+from caap.lit.module import AttributionModule, RunInfo
+from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
-from caap.resume import (
-    FINISHED_KEY,
-    check_same_config,
-    finished_metrics,
-    previous_wandb_id,
-    session_prefix,
-    stored_maps,
-)
+from caap.resume import check_same_config, finished_metrics, previous_wandb_id, session_prefix, stored_maps
 from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataModule:
-    """The datamodule of `cfg.data`; dataset keys left null (`image_size`, `class_names`, `num_classes`) are
-    filled from the model."""
-    data_config = getattr(model, "data_config", None) or {}
+    """`cfg.datamodule` around the dataset of `cfg.data`; dataset keys left null (`image_size`, `class_names`,
+    `num_classes`, `crop_pct`, `interpolation`) are filled from the model."""
+    data_config = model.data_config or {}
     from_model = {
         "image_size": int(model.image_size[0]),  # the size the model was built for
         "class_names": model.class_names,
@@ -55,24 +50,18 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
         "crop_pct": data_config.get("crop_pct"),  # timm's evaluation preprocessing of the model
         "interpolation": data_config.get("interpolation"),
     }
-    fill = {
-        k: v for k, v in from_model.items() if k in cfg.dataset and cfg.dataset[k] is None and v is not None
-    }
-    dataset = instantiate(cfg.dataset, **fill)
-    return AttributionDataModule(
-        dataset=dataset,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        limit=cfg.limit,
-        shard=cfg.shard,
-        num_shards=cfg.num_shards,
-    )
+    node = cfg.data.dataset
+    fill = {k: v for k, v in from_model.items() if k in node and node[k] is None and v is not None}
+    return instantiate(cfg.datamodule, dataset=instantiate(node, **fill))
 
 
-def build_metrics(cfg: DictConfig, datamodule: AttributionDataModule) -> dict[str, AttributionMetric]:
-    """Instantiate the metric group; metrics that need masks fail here, before any map, when the data has none."""
-    metrics = {name: instantiate(node) for name, node in cfg.items()}
-    needs_masks = [name for name, m in metrics.items() if getattr(m, "requires_masks", False)]
+def build_metrics(
+    cfg: DictConfig, datamodule: AttributionDataModule, model: ViTClassifier
+) -> dict[str, AttributionMetric]:
+    """Instantiate the metric group; a metric that needs masks the data lacks, or that cannot score the model
+    (e.g. token dropping on a model that cannot lose tokens), fails here, before any map."""
+    metrics: dict[str, AttributionMetric] = {name: instantiate(node) for name, node in cfg.items()}
+    needs_masks = [name for name, m in metrics.items() if m.requires_masks]
     if needs_masks and datamodule.indices:
         sample = datamodule.dataset[datamodule.indices[0]]
         if sample is not None and "masks" not in sample and "segmentation" not in sample:
@@ -80,7 +69,14 @@ def build_metrics(cfg: DictConfig, datamodule: AttributionDataModule) -> dict[st
                 f"metrics {needs_masks} need ground-truth masks, but dataset "
                 f"{type(datamodule.dataset).__name__} has none; use metric=faithfulness"
             )
+    for metric in metrics.values():
+        metric.check_model(model)
     return metrics
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+    """Instantiate the callbacks group (`{name: callback config}`; a null entry is skipped)."""
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None]
 
 
 def run_name() -> str:
@@ -147,65 +143,22 @@ def print_summary(
         )
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`.
-
-    With `cfg.resume` set (the run folder), a finished run returns its stored metrics and an unfinished one
-    continues where it was killed (see `caap.resume`). With `layers=auto` the layer range is chosen on
-    calibration images first (see `caap.layer_selection`).
-    """
-    start_time = time.perf_counter()
-    output_dir = Path(cfg.output_dir)
-    resuming = bool(cfg.get("resume"))
-    if resuming:
-        done = finished_metrics(output_dir)
-        if done is not None:
-            print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
-            return done["metrics"]
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    model: ViTClassifier = instantiate(cfg.model)
-    selection: LayerSelection | None = None
-    if cfg.get("layers") is not None and cfg.layers.get("select_by") is not None:  # layers=auto
-        datamodule = build_datamodule(cfg.data, model)
-        selection = LayerSelection.load(output_dir) if resuming else None
-        if selection is None:
-            selection = select_layer_range(cfg, model, datamodule)
-            selection.save(output_dir)
-        else:
-            datamodule.exclude(selection.calibration_indices)
-        apply_selection(cfg, selection)
-        method = instantiate(cfg.method)
-        method.setup(model)
-    else:
-        method = instantiate(cfg.method)
-        method.setup(model)
-        datamodule = build_datamodule(cfg.data, model)
-    if resuming:
-        check_same_config(output_dir, cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
-    if hasattr(method, "prepare"):  # e.g. CAAP's dataset-mean neutral context averages the evaluated images
-        method.prepare(datamodule.dataset)
-    metrics = build_metrics(cfg.metric, datamodule)
-    for (
-        metric
-    ) in metrics.values():  # e.g. token dropping on a model that cannot drop tokens: fail before maps
-        if hasattr(metric, "check_model"):
-            metric.check_model(model)
-    loggers = build_loggers(
-        cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
-    )
-    if selection is not None:
-        log_selection(selection, loggers)
-    class_names = model.class_names or getattr(datamodule, "class_names", None)
+def run_info(
+    cfg: DictConfig,
+    model: ViTClassifier,
+    datamodule: AttributionDataModule,
+    selection: LayerSelection | None,
+    resumed: int,
+    started: float,
+) -> RunInfo:
+    """The facts metrics.json records (method, model, data, images, layer choice, resumed maps) and what the
+    output callbacks need (class names, the map-file prefix of a resumed run)."""
     facts: dict[str, Any] = {
         "method": cfg.method.get("_target_", "?").rsplit(".", 1)[-1],
         "model": cfg.model.name,
         "data": cfg.data.name,
         "num_images": len(datamodule.indices),
-        "output_dir": str(output_dir),
+        "output_dir": str(cfg.output_dir),
     }
     if selection is not None:
         facts["layers_auto"] = {
@@ -216,37 +169,71 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "calibration_images": len(selection.calibration_indices),
             "seconds": selection.seconds,
         }
-    module = AttributionModule(model, method, metrics, target=cfg.target)
-    prefix = ""
-    if resuming:
-        module.stored_maps = stored_maps(output_dir)
-        prefix = session_prefix(output_dir) if module.stored_maps else ""
-        facts["resumed_maps"] = len(module.stored_maps)
-        log.info("resuming %s: %d maps already written", output_dir, len(module.stored_maps))
-    callbacks = [
-        MapWriter(output_dir / "maps", prefix=prefix),
-        RunOutputs(output_dir, class_names, facts),
-        WandbMedia(cfg.media_images, class_names),
-    ]
-    if cfg.get("report_images", 0):  # images for the map gallery of `python -m caap.report`
-        callbacks.append(SampleImages(output_dir, cfg.report_images))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
-    )
-    trainer.test(module, datamodule=datamodule, verbose=False)
+    if cfg.get("resume"):
+        facts["resumed_maps"] = resumed
+    class_names = model.class_names or datamodule.class_names
+    prefix = session_prefix(cfg.output_dir) if resumed else ""
+    return RunInfo(facts, None if class_names is None else list(class_names), prefix, started)
 
-    written = json.loads((output_dir / "metrics.json").read_text())
-    results: dict[str, float] = written["metrics"]
-    seconds = time.perf_counter() - start_time
-    written.update(seconds=seconds, images_per_second=facts["num_images"] / seconds)
-    wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
-    if wandb_logger is not None:
-        run = wandb_logger.experiment
-        written.update(wandb_dir=str(Path(run.dir).parent), wandb_mode=run.settings.mode)
-        run.summary.update({"seconds": seconds, "num_maps": written["num_maps"]})
-        run.finish()
-    written[FINISHED_KEY] = True  # written last: a resumed run skips only runs that got here
-    (output_dir / "metrics.json").write_text(json.dumps(written, indent=2))
-    print_summary(results, metrics, written)
+
+def finish_wandb(failed: bool) -> None:
+    """Finish the W&B run of this process, if one was started (marked failed when the run raised)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`.
+
+    With `cfg.resume` set (the run folder), a finished run returns its stored metrics and an unfinished one
+    continues where it was killed (see `caap.resume`). With `layers=auto` the layer range is chosen on
+    calibration images first (see `caap.layer_selection`).
+    """
+    started, output_dir, resuming = time.perf_counter(), Path(cfg.output_dir), bool(cfg.get("resume"))
+    if resuming and (done := finished_metrics(output_dir)) is not None:
+        print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
+        return done["metrics"]
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model: ViTClassifier = instantiate(cfg.model)
+    method: AttributionMethod = instantiate(cfg.method)
+    method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
+    datamodule = build_datamodule(cfg, model)
+    method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
+    selection = choose_layer_range(cfg, method, model, datamodule, resuming)
+    record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran
+    if resuming:
+        check_same_config(output_dir, record)
+    OmegaConf.save(record, output_dir / "config.yaml", resolve=True)
+    metrics = build_metrics(cfg.metric, datamodule, model)
+    config: dict = OmegaConf.to_container(record, resolve=True)  # type: ignore[assignment]
+    loggers = build_loggers(
+        cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
+    )
+    failed = True
+    try:
+        if selection is not None:
+            log_selection(selection, loggers)
+        stored = stored_maps(output_dir) if resuming else {}
+        if stored:
+            log.info("resuming %s: %d maps already written", output_dir, len(stored))
+        info = run_info(cfg, model, datamodule, selection, len(stored), started)
+        module = AttributionModule(model, method, metrics, target=cfg.target, run=info)
+        module.stored_maps = stored
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg.get("callbacks")),
+            default_root_dir=str(output_dir),
+        )  # fmt: skip
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        failed = False
+    finally:
+        finish_wandb(failed)
+    written = finished_metrics(output_dir) or {
+        "metrics": module.results,
+        "num_maps": module.num_maps,
+        **info.facts,
+    }
+    print_summary(written["metrics"], metrics, written)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return results
+    return written["metrics"]

@@ -14,7 +14,7 @@ forwards serves every score.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,10 @@ DROP_SCORES: tuple[CurveScore, ...] = ("aopc", "log_odds")
 """Curve scores measured as a drop from the unperturbed value: their better direction is flipped."""
 
 
-def check_score(score: str, allowed: Sequence[str] = SCORES, key: str = "score") -> str:
-    """`score` if it is one of `allowed`, else a ValueError naming `key`, the value and the choices."""
+def check_score(score: str, allowed: Sequence[str] = SCORES, key: str = "score") -> Any:
+    """`score` if it is one of `allowed`, else a ValueError naming `key`, the value and the choices.
+
+    (Returned as `Any`: the checked string is a `Score` or `CurveScore`, whichever `allowed` holds.)"""
     if score not in allowed:
         raise ValueError(f"{key}={score!r} is not supported; allowed: {list(allowed)}")
     return score

@@ -1,10 +1,12 @@
-"""Callbacks of the attribution loop: the map writer, the run's output files and W&B media."""
+"""Callbacks of the attribution loop (the `callbacks` config group): the map writer, sample images for reports,
+W&B media, and the run's output files (`metrics.json` last, see `caap.run`)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +20,25 @@ from caap.lit.media import overlay_panel
 from caap.lit.module import AttributionModule
 from caap.maps_io import write_maps
 from caap.metrics.base import higher_is_better
+from caap.resume import FINISHED_KEY
 
 log = logging.getLogger(__name__)
+
+
+def wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
+    """The trainer's W&B logger, or None."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
 
 
 class MapWriter(L.Callback):
     """Writes each test batch's maps to `folder/{prefix}r{rank}_b{batch:06d}.safetensors` (see `caap.maps_io`).
 
     Maps the module read from a resumed run's files (`outputs["stored"]`) are not written again; a resumed run
-    writes with its own `prefix` (see `caap.resume`).
+    writes with its own prefix (`AttributionModule.run.map_prefix`, see `caap.resume`).
     """
 
-    def __init__(self, folder: str | Path, prefix: str = "") -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.prefix = prefix
 
     def on_test_batch_end(
         self,
@@ -51,7 +58,9 @@ class MapWriter(L.Callback):
         index, classes, maps = attribution.index, attribution.classes, attribution.maps
         if new is not None:
             index, classes, maps = index[new], classes[new], maps[new]
-        path = self.folder / f"{self.prefix}r{trainer.global_rank}_b{batch_idx:06d}.safetensors"
+        assert isinstance(pl_module, AttributionModule)
+        prefix = pl_module.run.map_prefix
+        path = self.folder / f"{prefix}r{trainer.global_rank}_b{batch_idx:06d}.safetensors"
         write_maps(path, index, classes, maps)
 
 
@@ -68,25 +77,25 @@ def per_sample_rows(module: AttributionModule, class_names: list[str] | None) ->
 
 
 class RunOutputs(L.Callback):
-    """At the end of the test, on global rank 0: `metrics.json` (final values plus run facts) and `per_image.csv`."""
+    """On global rank 0: `per_image.csv` and `curves.json` at the end of the test, then `metrics.json`.
 
-    def __init__(
-        self, folder: str | Path, class_names: list[str] | None = None, extra: dict | None = None
-    ) -> None:
+    `metrics.json` holds the final values, each result's `higher_is_better`, the run facts
+    (`AttributionModule.run.facts`), `seconds` since the run started, `images_per_second`, the W&B run's folder
+    and mode when W&B logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
+    `on_test_end` (so after the other outputs, whatever the callbacks' order): a resumed run skips only runs
+    that got here (`caap.resume`). A test that raised never reaches `teardown`.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.class_names = class_names
-        self.extra = extra or {}
+        self.num_maps: int | None = None  # set when the test ended
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
         assert isinstance(pl_module, AttributionModule)
         self.folder.mkdir(parents=True, exist_ok=True)
-        rows = per_sample_rows(pl_module, self.class_names)
-        payload = {"metrics": pl_module.results, "num_maps": len(rows), **self.extra}
-        metrics = dict(pl_module.metrics.items())
-        payload["higher_is_better"] = {name: higher_is_better(name, metrics) for name in pl_module.results}
-        (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
+        rows = per_sample_rows(pl_module, pl_module.run.class_names)
         if pl_module.curves:  # {metric: {"x": [K], "y": [K]}}: the mean curve of each curve metric
             curves = {name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()}
             (self.folder / "curves.json").write_text(json.dumps(curves))
@@ -96,6 +105,30 @@ class RunOutputs(L.Callback):
                 writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
+        self.num_maps = len(rows)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.num_maps is None or trainer.global_rank != 0:
+            return
+        assert isinstance(pl_module, AttributionModule)
+        facts, metrics = pl_module.run.facts, dict(pl_module.metrics.items())
+        seconds = time.perf_counter() - pl_module.run.started
+        payload: dict[str, Any] = {
+            "metrics": pl_module.results,
+            "num_maps": self.num_maps,
+            **facts,
+            "higher_is_better": {name: higher_is_better(name, metrics) for name in pl_module.results},
+            "seconds": seconds,
+            "images_per_second": facts.get("num_images", 0) / seconds,
+        }
+        logger = wandb_logger(trainer)
+        if logger is not None:
+            run = logger.experiment
+            payload.update(wandb_dir=str(Path(run.dir).parent), wandb_mode=run.settings.mode)
+            run.summary.update({"seconds": seconds, "num_maps": self.num_maps})
+        payload[FINISHED_KEY] = True  # written last: see caap.resume
+        (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
+        self.num_maps = None
 
 
 class SampleImages(L.Callback):
@@ -136,16 +169,9 @@ class SampleImages(L.Callback):
 class WandbMedia(L.Callback):
     """Logs to W&B (global rank 0): overlays of the first `num_images` maps and the per-image table."""
 
-    def __init__(self, num_images: int = 16, class_names: list[str] | None = None) -> None:
+    def __init__(self, num_images: int = 16) -> None:
         self.num_images = num_images
-        self.class_names = class_names
         self.panels: list[tuple[Any, str]] = []
-
-    def _wandb(self, trainer: L.Trainer) -> WandbLogger | None:
-        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-
-    def _name(self, cls: int) -> str:
-        return self.class_names[cls] if self.class_names and cls < len(self.class_names) else str(cls)
 
     def on_test_batch_end(
         self,
@@ -158,19 +184,22 @@ class WandbMedia(L.Callback):
     ) -> None:
         if not outputs or trainer.global_rank != 0 or len(self.panels) >= self.num_images:
             return
-        if self._wandb(trainer) is None:
+        if wandb_logger(trainer) is None:
             return
+        assert isinstance(pl_module, AttributionModule)
+        names = pl_module.run.class_names
         attribution: AttributionBatch = outputs["batch"]
         cells = attribution.target_masks("cell")
         for p in range(min(len(attribution), self.num_images - len(self.panels))):
             picture = overlay_panel(
                 attribution.images[p], attribution.maps[p], None if cells is None else cells[p]
             )
-            caption = f"index {int(attribution.index[p])}, class {self._name(int(attribution.classes[p]))}"
-            self.panels.append((picture, caption))
+            cls = int(attribution.classes[p])
+            name = names[cls] if names and cls < len(names) else str(cls)
+            self.panels.append((picture, f"index {int(attribution.index[p])}, class {name}"))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logger = self._wandb(trainer)
+        logger = wandb_logger(trainer)
         if logger is None or trainer.global_rank != 0:
             return
         import wandb
@@ -179,11 +208,11 @@ class WandbMedia(L.Callback):
         payload: dict[str, Any] = {}
         if self.panels:
             payload["maps"] = [wandb.Image(pic, caption=cap) for pic, cap in self.panels]
-        rows = per_sample_rows(pl_module, self.class_names)
+        rows = per_sample_rows(pl_module, pl_module.run.class_names)
         if rows:
             columns = list(dict.fromkeys(k for row in rows for k in row))
             payload["per_image"] = wandb.Table(
-                columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+                columns=list(columns), data=[[r.get(c) for c in columns] for r in rows]
             )
         for name, value in pl_module.results.items():
             logger.experiment.summary[f"test/{name}"] = value

@@ -3,29 +3,47 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from caap.batch import AttributionBatch
+from caap.batch import TARGETS, AttributionBatch, select_targets
 from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric
 from caap.models.vit import ViTClassifier
 
 log = logging.getLogger(__name__)
-TARGETS = ("label", "pred")
+
+
+@dataclass
+class RunInfo:
+    """What the output callbacks record about a run besides its maps and metric values.
+
+    facts: run facts for metrics.json (method, model, data, number of images, output folder, ...);
+    class_names: names of the classes (per_image.csv, W&B captions), or None;
+    map_prefix: file-name prefix of the map files this session writes (a resumed run's, see `caap.resume`);
+    started: `time.perf_counter()` when the run started (metrics.json's `seconds`).
+    """
+
+    facts: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    map_prefix: str = ""
+    started: float = field(default_factory=time.perf_counter)
 
 
 class AttributionModule(L.LightningModule):
     """Runs `method` on every test batch and updates `metrics`.
 
     Targets: `label` explains every class present in an image (one map per image and class, from the multi-hot
-    `target`), `pred` the model's top class. Each test step returns `{"batch": AttributionBatch}` for the
-    callbacks (map writer, media). At the end of the epoch the metrics are computed across ranks into
-    `self.results` (`{name: value}`) and `self.per_sample` (`{name: (index [M], class [M], value [M])}`).
-    Run with `Trainer(inference_mode=False)`: gradient methods need autograd.
+    `target`), `pred` the model's top class. Each test step returns `{"batch": AttributionBatch, "stored": [P]}`
+    for the callbacks (map writer, media). At the end of the epoch the metrics are computed across ranks into
+    `self.results` (`{name: value}`), `self.per_sample` (`{name: (index [M], class [M], value [M])}`) and
+    `self.curves` (`{name: (x [K], mean curve [K])}` of curve metrics). `run` carries what the output
+    callbacks record. Run with `Trainer(inference_mode=False)`: gradient methods need autograd.
     """
 
     def __init__(
@@ -34,6 +52,7 @@ class AttributionModule(L.LightningModule):
         method: AttributionMethod,
         metrics: dict[str, AttributionMetric],
         target: str = "label",
+        run: RunInfo | None = None,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
@@ -42,15 +61,16 @@ class AttributionModule(L.LightningModule):
         self.method = method
         self.metrics = nn.ModuleDict(metrics)
         self.target = target
+        self.run = run or RunInfo()
         self.results: dict[str, float] = {}
         self.per_sample: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self.curves: dict[str, tuple[Tensor, Tensor]] = {}  # curve metrics: (x [K], mean curve [K])
+        self.curves: dict[str, tuple[Tensor, Tensor]] = {}
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
         # maps of a resumed run, `{(index, class): [gh, gw]}`: those pairs are read, not recomputed (caap.resume)
         self.stored_maps: dict[tuple[int, int], Tensor] = {}
         for metric in metrics.values():  # metrics that re-run the method (sanity checks) get the run's method
-            if getattr(metric, "requires_method", False) and getattr(metric, "method", None) is None:
+            if metric.requires_method and metric.method is None:
                 metric.method = method
 
     def compute_maps(self, images: Tensor, classes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,41 +95,15 @@ class AttributionModule(L.LightningModule):
             maps[todo] = self.method(self.model, images[todo], classes[todo]).float()
         return maps, stored
 
-    def select_targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """`(rows [P], classes [P])`: which image of the batch each map explains, and for which class."""
-        images = batch["image"]
-        if self.target == "pred":
-            with torch.no_grad():
-                classes = self.model(images).argmax(-1)
-            return torch.arange(images.shape[0], device=images.device), classes
-        labels = batch.get("target")
-        if labels is None or labels.ndim != 2 or labels.shape[1] == 0:
-            raise ValueError(
-                "target=label needs labelled data, but this dataset has no labels; use target=pred"
-            )
-        rows, classes = (labels > 0).nonzero(as_tuple=True)
-        return rows, classes
-
-    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, AttributionBatch] | None:
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
         if batch is None:  # every sample of the batch was unreadable (already logged by the collate function)
             return None
-        rows, classes = self.select_targets(batch)
+        rows, classes = select_targets(batch, self.target, self.model)
         if rows.numel() == 0:
             return None
-        images = batch["image"][rows]
-        index = torch.as_tensor(batch["index"], device=images.device)[rows]
-        maps, stored = self.compute_maps(images, classes, index)
-        masks = batch.get("masks") or {}
-        attribution = AttributionBatch(
-            images=images,
-            maps=maps.float(),
-            classes=classes,
-            index=index,
-            labels=batch["target"][rows] if batch.get("target") is not None else None,
-            cell_masks=masks["cell"][rows] if "cell" in masks else None,
-            item_masks=masks["item"][rows] if "item" in masks else None,
-            segmentation=batch["segmentation"][rows] if batch.get("segmentation") is not None else None,
-        )
+        index = torch.as_tensor(batch["index"], device=batch["image"].device)[rows]
+        maps, stored = self.compute_maps(batch["image"][rows], classes, index)
+        attribution = AttributionBatch.from_data(batch, rows, classes, maps)
         with torch.no_grad():
             for metric in self.metrics.values():
                 metric.update(attribution, self.model)
@@ -121,11 +115,12 @@ class AttributionModule(L.LightningModule):
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
-                for key, value in getattr(metric, "extra_per_sample", dict)().items():
+                for key, value in metric.extra_per_sample().items():
                     self.per_sample[f"{name}/{key}"] = value
-                for key, value in getattr(metric, "extra_results", dict)().items():
+                for key, value in metric.extra_results().items():
                     self.results[f"{name}/{key}"] = float(value)
-            if callable(getattr(metric, "curve", None)):  # a collective call: every rank makes it
-                self.curves[name] = metric.curve()
+            curve = metric.curve()  # a collective call: every rank makes it
+            if curve is not None:
+                self.curves[name] = curve
         if self.results:
             self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)

@@ -1,8 +1,16 @@
-"""The attribution-method interface: `attribute(model, images, target) -> [B, gh, gw]` patch-grid maps."""
+"""The attribution-method interface: `attribute(model, images, target) -> [B, gh, gw]` patch-grid maps.
+
+Besides `attribute`, a method may offer optional capabilities, declared here with defaults that mean "not
+offered", so that the run and the metrics call them without probing: `setup` (validate against the model),
+`prepare` (statistics of the evaluated data), `completeness_terms` (LibraGrad's Completeness Error) and the
+layer-range trio `layer_ranges` / `range_maps` / `use_layer_range` (`layers=auto`).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,8 +29,37 @@ class AttributionMethod(ABC):
     requires_grad: bool = False
     name: str = "method"
 
-    def setup(self, model: ViTClassifier) -> None:  # noqa: B027  (optional hook)
+    def setup(self, model: ViTClassifier) -> None:  # noqa: B027  (optional capability)
         """Validate the configuration against the model (layer ranges, supported pooling), before any data."""
+
+    def prepare(self, data: Any) -> None:  # noqa: B027  (optional capability)
+        """Compute statistics of the evaluated dataset `data` (map-style, dict samples) before the first map,
+        e.g. CAAP's dataset-mean neutral context. Default: nothing to compute."""
+
+    def completeness_terms(
+        self, model: ViTClassifier, images: Tensor, target: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """`(total [B], reference [B])` for LibraGrad's Completeness Error: the sum of every attribution the
+        method hands out (prefix tokens and bias terms included, which a map drops) and the score they should
+        add up to. None (default) when the method defines no such terms; the metric then uses the map sum."""
+        return None
+
+    # -- layer-range selection (layers=auto) ------------------------------------------------------------------
+    def layer_ranges(self, model: ViTClassifier) -> list[tuple[int, int]]:
+        """The layer ranges `(start, stop)` the method can map at on `model`; empty (default) when the method
+        has no layer range, which `layers=auto` refuses."""
+        return []
+
+    def range_maps(
+        self, model: ViTClassifier, images: Tensor, target: Tensor, ranges: Sequence[tuple[int, int]]
+    ) -> Iterator[tuple[tuple[int, int], Tensor]]:
+        """`((start, stop), maps [B, gh, gw])` for each range of `ranges` (from `layer_ranges`): the maps
+        `attribute` would give at that range."""
+        raise NotImplementedError(f"{self.name} has no layer range")
+
+    def use_layer_range(self, start: int, stop: int | None) -> None:
+        """Map at the range `(start, stop)` from now on (the range `layers=auto` chose)."""
+        raise NotImplementedError(f"{self.name} has no layer range")
 
     @abstractmethod
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:

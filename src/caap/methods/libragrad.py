@@ -1,43 +1,16 @@
 """LibraGrad (Mehri et al., CVPR 2025): backward-only gradient rules that restore FullGrad-completeness in ViTs.
 
-`libragrad(model, rules)` is a context manager that rewires the backward pass of a timm ViT and restores the
-model on exit, even when the body raises. Forward values never change: every rule replaces a module's output
-`y` by a tensor with the value of `y` (a view of it) and the gradient of the rule, i.e. the official code's
-`swap_backward(y, b)` (value of `y`, gradient of `b`), written as small autograd Functions whose backward
-applies the rule's Jacobian directly, so that nothing extra is computed in forward. The rules are installed
-as forward hooks; nothing is monkey-patched and nothing is left behind. Hooks act only while autograd records
-(under `torch.no_grad()` they return the module output untouched).
+`libragrad(model, rules)` rewires the backward pass of `model` inside a `with` block and restores it on exit,
+even when the body raises. Forward values never change: each rule replaces a module's output `y` by a view of
+`y` whose backward applies the rule's Jacobian (the official `swap_backward(y, b)`: value of `y`, gradient of
+`b`), installed as forward hooks that act only while autograd records.
 
-The rules' backward kernels are no dearer than the ones they replace: LayerNorm reuses the rstd its forward
-kernel saved, the activation gate is read off the activation's output (`y / x`), and attention with q and k
-detached runs a value-only backward (A recomputed, `dv = A^T do`) instead of the fused SDPA backward.
-
-Rules (from the official code, where LibraGrad is called "FairGrad"); the modules they act on are found by
-`caap.models.libragrad_sites`:
-
-- attention: q and k detached (hooks on `attn.q_norm` / `attn.k_norm`, which timm always calls, `nn.Identity`
-  without qk-norm), so the attention matrix is a constant in backward and the gradient flows through V only.
-  This works with fused SDPA on; its backward is the value-only one (`_ValueOnlyAttention`). A sigmoid
-  output gate (timm `gated=True`) is detached like an activation gate.
-- LayerNorm: sigma detached, the mean stays differentiable (LN is affine in backward). RMSNorm: the RMS
-  detached (the analogous rule; the official code has none).
-- GELU / SiLU / QuickGELU: the gate detached, `x * Phi(x).detach()` (tanh form for `approximate='tanh'`),
-  `x * sigmoid(x).detach()`, `x * sigmoid(1.702 x).detach()`. ReLU needs no rule.
-- gated MLP (GluMlp / SwiGLU): the gradient of the gate product x 1/2. The official code applies it only to
-  EVA02, gMixer and DINOv2-giant, i.e. the models that have such an MLP; so do we (no gated MLP, no effect).
-- head: the differentiated target is the target probability ("S1", preset `full`) or the logit ("S0").
-  The head itself is untouched: `LibraGradRules.head` tells methods which score to differentiate.
-- EVA02 attention (`EvaAttention`, rotary embeddings): q and k detached at `q_norm` / `k_norm`, before the
-  rotation, so the rotated q and k are constants too. MLP-Mixer: no attention; its token-mixing MLPs are linear
-  layers plus a GELU (the gate rule), so LayerNorm and GELU rules make it FullGrad-complete.
-- residual, LayerScale, pooling, linear layers: unchanged.
-
-Presets: `full` (= `true`), the ablations `wo_att`, `wo_ln`, `wo_act`, `wo_gate`, `wo_head` (full with a
-logit head, the completeness setting), and `attnlrp` (AttnLRP as a modified gradient: LN sigma detached, GELU
-gate detached, normal softmax gradient with the attention-matrix gradient x 1/4, V gradient x 1/2, logit head).
-
-Unsupported modules (other attention classes, unknown norms or activations inside the blocks) raise a clear
-error naming the model rather than silently giving non-LibraGrad gradients.
+Rules: attention with q and k detached (fused SDPA kept on, with a value-only backward), LayerNorm sigma /
+RMSNorm RMS detached, the GELU / SiLU / QuickGELU gate detached, the gated-MLP product's gradient x 1/2; the
+head score methods differentiate is `LibraGradRules.head` (`prob` = S1, `logit` = S0). Presets: `full`
+(= `true`), `wo_att`, `wo_ln`, `wo_act`, `wo_gate`, `wo_head`, and `attnlrp` (AttnLRP as a modified gradient).
+Where the rules act is `caap.models.libragrad_sites` (a module with no rule raises); the rules, presets and
+their official sources are in docs/libragrad.md.
 """
 
 from __future__ import annotations
@@ -47,14 +20,14 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from caap.models.libragrad_sites import AttentionSite, libragrad_sites
 from caap.models.vit import ViTClassifier
-from caap.scores import PROB_OR_LOGIT
+from caap.scores import PROB_OR_LOGIT, Score
 
 __all__ = [
     "PRESETS",
@@ -139,14 +112,14 @@ def resolve_libragrad(libragrad: bool | str | LibraGradRules | None) -> LibraGra
     )
 
 
-def resolve_score(score: str | None, rules: LibraGradRules | None) -> str:
+def resolve_score(score: str | None, rules: LibraGradRules | None) -> Score:
     """The differentiated score: explicit `score` (`prob` / `logit`), else the preset's head (LibraGrad) or the
     logit (plain gradients)."""
     if score is None:
-        return rules.head if rules is not None else "logit"
+        return cast(Score, rules.head) if rules is not None else "logit"
     if score not in PROB_OR_LOGIT:
         raise ValueError(f"method.score='{score}' is not supported; allowed: {list(PROB_OR_LOGIT)} or null")
-    return score
+    return score  # narrowed to a Score by the membership test
 
 
 # -- the rules as output substitutions -----------------------------------------------------------------
@@ -171,13 +144,13 @@ class _FrozenScaleNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, weight, rstd, ndim: int, eps: float, center: bool, zeros):  # type: ignore[override]
+    def forward(ctx, x, y, weight, rstd, ndim: int, eps: float, center: bool, zeros):
         ctx.save_for_backward(x, weight, rstd)
         ctx.ndim, ctx.eps, ctx.center, ctx.zeros = ndim, eps, center, zeros
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         if ctx.center and rstd is not None and rstd.dtype in (grad.dtype, torch.float32):
             zero_x = ctx.zeros(grad.shape, grad.dtype, grad.device)
@@ -220,12 +193,12 @@ class _DetachedGate(torch.autograd.Function):
     It is the module's own gate to the last bit of `y`, whatever its approximation (erf or tanh GELU)."""
 
     @staticmethod
-    def forward(ctx, x, y):  # type: ignore[override]
+    def forward(ctx, x, y):
         ctx.save_for_backward(x, y)
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, y = ctx.saved_tensors
         gate = torch.div(y, x).nan_to_num_(nan=0.5)
         return gate.mul_(grad), None
@@ -242,13 +215,13 @@ class _ValueOnlyAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v, q, k, out, scale: float):  # type: ignore[override]
+    def forward(ctx, v, q, k, out, scale: float):
         ctx.save_for_backward(q, k)
         ctx.scale = scale
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         q, k = ctx.saved_tensors
         b, h, n, d = q.shape
         g = grad.reshape(b, n, h, d).transpose(1, 2).to(q.dtype)  # [B, H, N, d]
@@ -282,12 +255,12 @@ def _value_only_backward(q: Tensor) -> bool:
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, factor: float):  # type: ignore[override]
+    def forward(ctx, x, factor: float):
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad * ctx.factor, None
 
 
@@ -302,7 +275,7 @@ def _norm_hook(center: bool, zeros: _ZeroBuffers) -> Callable[..., Tensor | None
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled() or not isinstance(out, Tensor):
             return None
-        shape = module.normalized_shape
+        shape = cast("int | tuple[int, ...]", module.normalized_shape)  # a LayerNorm / RmsNorm
         ndim = 1 if isinstance(shape, int) else len(shape)
         eps = module.eps if module.eps is not None else torch.finfo(out.dtype).eps
         weight = getattr(module, "weight", None)

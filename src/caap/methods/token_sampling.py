@@ -1,15 +1,14 @@
 """Token-level input sampling, in the spirit of TIS (Englebert et al., "Transformer Input Sampling", 2023).
 
 `num_samples` random subsets of patch tokens are kept (each patch token kept independently with probability
-`keep_prob`; prefix tokens, CLS and registers, always kept); the dropped tokens are removed from the sequence
-by a key mask that hides them from every query in every block, and patch-pooling heads pool over the kept
-tokens only (`ViTClassifier.head(x, keep)`). The attribution of patch i is the mean target score (`prob` or
-`logit`, `caap.scores`) of the samples that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
+`keep_prob`; prefix tokens, CLS and registers, always kept); the others are removed by the token-removal
+engine's `mask` mode (`caap.token_removal`: hidden from every query by an attention key mask, patch pools over
+the kept tokens only). The attribution of patch i is the mean target score (`prob` or `logit`, `caap.scores`)
+of the samples that keep i minus the mean of the samples that drop it. TIS proper samples subsets guided by token
 clusters and regresses; this is the plain, unguided, averaged form.
 
 Seeded: the subsets are a pure function of `seed` and the grid size, shared by every image (maps do not
 depend on batching). Batched: `batch_size` sequences (images x subsets) per forward from one `r_0` per image.
-Cost: `num_samples` token-masked forwards per image.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ from caap.methods.base import AttributionMethod
 from caap.methods.option_checks import check_positive_int, check_probability
 from caap.models.vit import ViTClassifier
 from caap.scores import PROB_OR_LOGIT, check_score, target_score
+from caap.token_removal import removal_logits
 
 
 def check_token_removal(model: ViTClassifier) -> None:
-    """Token sampling hides tokens by attention masks: a clear error on models without attention (Mixer)."""
+    """Token sampling removes tokens: a clear error on models that cannot lose them (MLP-Mixer)."""
     model.check_token_removal("token sampling")
 
 
@@ -65,7 +65,7 @@ class TokenSampling(AttributionMethod):
         check_token_removal(model)
         b = images.shape[0]
         gh, gw = model.grid_size(images)
-        n, npre = gh * gw, model.num_prefix_tokens
+        n = gh * gw
         keep = sample_keep(self.num_samples, n, self.keep_prob, self.seed).to(images.device)  # [K, N]
         r0 = model.embed(images)  # [B, T, D]
         scores = torch.empty(b, self.num_samples, device=images.device)
@@ -73,10 +73,8 @@ class TokenSampling(AttributionMethod):
         for s in range(0, self.num_samples, per_chunk):
             kp = keep[s : s + per_chunk]  # [k, N]
             k = kp.shape[0]
-            kp_rows = kp.repeat(b, 1)  # [B*k, N], image-major
-            visible = torch.cat([kp_rows.new_ones(b * k, npre), kp_rows], dim=1)
-            x = model.forward_blocks(r0.repeat_interleave(k, 0), attn_mask=visible[:, None, None, :])
-            logits = model.head(x, kp_rows).float()  # pools the kept patch tokens only
+            rows = torch.arange(b, device=images.device).repeat_interleave(k)  # image-major
+            logits = removal_logits(model, r0, kp.repeat(b, 1), rows, "mask", max_batch=b * k).float()
             scores[:, s : s + k] = target_score(
                 logits, target.repeat_interleave(k), self.score, model.multilabel
             ).reshape(b, k)

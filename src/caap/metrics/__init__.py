@@ -2,12 +2,7 @@
 
 from caap.metrics.base import AttributionMetric
 from caap.metrics.completeness import CompletenessError
-from caap.metrics.deletion_insertion import (
-    GridPointingGame,
-    PointingGame,
-    TokenDeletionAUC,
-    TokenInsertionAUC,
-)
+from caap.metrics.curves import CurveMetric
 from caap.metrics.faithfulness import LIF, MIF, SRG
 from caap.metrics.localisation import (
     ClassDiscrimination,
@@ -18,7 +13,8 @@ from caap.metrics.localisation import (
     SegmentationPixelAccuracy,
     TolerantPointingGame,
 )
-from caap.metrics.rise import PixelDeletion, PixelInsertion
+from caap.metrics.pixel_perturbation import PixelDeletion, PixelInsertion
+from caap.metrics.pointing import GridPointingGame, PointingGame
 from caap.metrics.sanity import CascadingRandomisation
 
 __all__ = [
@@ -29,6 +25,7 @@ __all__ = [
     "CascadingRandomisation",
     "ClassDiscrimination",
     "CompletenessError",
+    "CurveMetric",
     "EnergyPointingGame",
     "GridPointingGame",
     "PixelDeletion",
@@ -38,7 +35,5 @@ __all__ = [
     "SegmentationMAP",
     "SegmentationMIoU",
     "SegmentationPixelAccuracy",
-    "TokenDeletionAUC",
-    "TokenInsertionAUC",
     "TolerantPointingGame",
 ]

@@ -28,7 +28,9 @@ class AttributionMetric(Metric):
 
     `higher_is_better` tells reports which way is better; `requires_model` marks metrics that run the model;
     `requires_masks` those that need the dataset's ground-truth masks (checked before any map is computed);
-    `requires_method` those that re-run the attribution method (`AttributionModule` sets their `method`).
+    `requires_method` those that re-run the attribution method (`AttributionModule` sets their `method`
+    when it is None). Optional capabilities with "nothing" defaults: `check_model`, `extra_results`,
+    `extra_per_sample`, `curve`.
     """
 
     full_state_update = False
@@ -36,6 +38,9 @@ class AttributionMetric(Metric):
     requires_model: bool = False
     requires_masks: bool = False
     requires_method: bool = False
+    #: the attribution method a `requires_method` metric re-runs (an `AttributionMethod`; metrics do not
+    #: import methods, so it is typed loosely)
+    method: Any = None
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -50,6 +55,26 @@ class AttributionMetric(Metric):
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
         return self._append(self.score(batch, model), batch)
+
+    # -- optional capabilities --------------------------------------------------------------------------------
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise a ValueError, before any map is computed, when the metric is undefined on `model` (e.g. token
+        removal on a model that cannot lose tokens). Default: every model is fine."""
+
+    def extra_results(self) -> dict[str, float]:
+        """Further named results besides `compute()`, reported as `<name>/<key>` (e.g. per sanity stage); a
+        collective call under DDP, made inside `sync_context`. Default: none."""
+        return {}
+
+    def extra_per_sample(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        """Further per-pair values `{key: (index [M], class [M], value [M])}` besides `per_sample()`, written
+        as `<name>/<key>` columns of per_image.csv; made inside `sync_context`. Default: none."""
+        return {}
+
+    def curve(self) -> tuple[Tensor, Tensor] | None:
+        """`(x [S], mean curve [S])` of a curve metric over the de-duplicated pairs of all ranks (a collective
+        call under DDP: every rank makes it), or None (default) for a metric without a curve."""
+        return None
 
     def _append(self, values: Tensor, batch: AttributionBatch) -> Tensor:
         """Store per-pair `values` `[P]` with the batch's (index, class) keys; returns them as float64."""
@@ -119,4 +144,4 @@ def higher_is_better(name: str, metrics: dict[str, AttributionMetric]) -> bool:
     """Direction of the result `name`: the metric's own, or for a sub-result `<metric>/<key>` (e.g. a sanity
     stage `sanity/block3`) the direction of `<metric>`; True for names that match no metric."""
     metric = metrics.get(name) or metrics.get(name.split("/", 1)[0])
-    return bool(getattr(metric, "higher_is_better", True))
+    return True if metric is None else bool(metric.higher_is_better)

@@ -39,10 +39,12 @@ class CompletenessError(AttributionMetric):
     def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         if model is None:
             raise ValueError(f"{self.name} runs the model: pass the ViTClassifier to update(batch, model)")
-        terms = getattr(self.method, "completeness_terms", None)
-        if terms is not None:
+        terms = None
+        if self.method is not None:  # an AttributionMethod: None when it defines no completeness terms
             with torch.enable_grad():
-                total, reference = terms(model, batch.images, batch.classes.long())
+                terms = self.method.completeness_terms(model, batch.images, batch.classes.long())
+        if terms is not None:
+            total, reference = terms
             return (total.detach().double() - reference.detach().double()).abs()
         if not self._warned:
             log.warning(

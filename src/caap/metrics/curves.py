@@ -1,24 +1,84 @@
-"""`CurveMetric`: per-(image, class) curves over a fixed x axis, scored by their trapezoid area, DDP-exact.
+"""`CurveMetric`, the base of every curve metric, and `BatchMemo`, the work that curve metrics share in a batch.
 
-Subclasses give the axis (`axis() -> [S]`) and the curves of a batch (`curves_of(batch, model) -> [P, S]`);
-the area of each curve is the per-pair value (`AttributionMetric`), and the curves are kept in a "cat" state
-so that `curve()` (the mean curve) and `per_sample_curves()` see the de-duplicated pairs of every rank.
-Maps that are constant (all-zero included) still give a defined curve (ties are ranked by position), with a
-logged warning; maps with a non-finite entry give a NaN curve, skipped and counted by `compute`.
+A curve metric gives its x axis (`axis() -> [S]`) and the curves of a batch (`curves_of(batch, model) ->
+[P, S]`); the base stores the trapezoid area of each curve as the per-pair value (`AttributionMetric`, exact
+under DDP) and the curves in a "cat" state for `curve()` (the mean curve) and `per_sample_curves()`.
+
+Shared work: the Lightning module updates every metric with the same `AttributionBatch` object, so results
+keyed by that object can be reused by every metric scoring it. `self.shared(batch, key, compute)` runs
+`compute()` once per (batch object, key) for all metrics of the process (`SHARED`; entries are dropped when
+the batch is garbage-collected), and `self.unperturbed(batch, model)` is the batch's plain forward, computed
+once for every curve metric. A new curve metric needs only its own module: subclass `CurveMetric`, implement
+`axis` and `curves_of`, and key any expensive work on what it depends on (the model's `id`, the settings).
+The model is assumed unchanged while one batch is being scored.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torchmetrics.utilities.data import dim_zero_cat
 
 from caap.batch import AttributionBatch
-from caap.metrics._cache import BATCH_CACHE
-from caap.metrics.base import AttributionMetric, _cat, _nonempty
+from caap.metrics.base import AttributionMetric
+from caap.metrics.functional.faithfulness import unperturbed_outcomes
+from caap.models.vit import ViTClassifier
+from caap.scores import Outcomes
 
 log = logging.getLogger(__name__)
+
+
+class BatchMemo:
+    """Results computed for a batch object, kept exactly as long as the batch lives.
+
+    `get(batch, key, compute)` runs `compute()` once per (batch object, key); `entry(batch)` is the batch's
+    memo dict itself (for work that fills several keys at once). A `weakref.finalize` drops the entry with the
+    batch, so nothing is recomputed within a batch and nothing leaks across batches.
+    """
+
+    def __init__(self) -> None:
+        self._store: dict[int, dict[Hashable, Any]] = {}
+
+    def entry(self, batch: object) -> dict[Hashable, Any]:
+        """The memo dict of `batch` (created on first use, dropped when the batch is garbage-collected)."""
+        bid = id(batch)
+        memo = self._store.get(bid)
+        if memo is None:
+            memo = self._store[bid] = {}
+            weakref.finalize(batch, self._store.pop, bid, None)
+        return memo
+
+    def get(self, batch: object, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()`'s result for (`batch`, `key`), computed on the first request only."""
+        memo = self.entry(batch)
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
+    def clear(self) -> None:
+        self._store.clear()
+
+
+SHARED = BatchMemo()
+"""The process-wide memo every curve metric shares."""
+
+
+def setting_key(value: Any) -> Hashable:
+    """A hashable form of a metric setting (a Hydra `DictConfig`, mapping or list: sorted, nested tuples), to
+    key shared work by."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), setting_key(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(setting_key(v) for v in value)
+    return value
 
 
 def warn_degenerate_maps(name: str, maps: Tensor) -> None:
@@ -45,11 +105,15 @@ def warn_degenerate_maps(name: str, maps: Tensor) -> None:
 
 
 class CurveMetric(AttributionMetric):
-    """Area under a per-pair curve; also the mean curve (`curve`) and the per-pair curves."""
+    """Area under a per-pair curve `[P, S]` over `axis()`; also the mean curve (`curve`) and the per-pair curves.
+
+    Maps that are constant (all-zero included) still give a defined curve (ties are ranked by position), with a
+    logged warning; maps with a non-finite entry give a NaN curve, skipped and counted by `compute`.
+    """
 
     requires_model = True
 
-    def __init__(self, name: str | None = None, **kwargs) -> None:
+    def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
         self.add_state("curves", default=[], dist_reduce_fx="cat")
 
@@ -61,6 +125,27 @@ class CurveMetric(AttributionMetric):
         """Per-pair curves `[P, S]` for this batch."""
         raise NotImplementedError
 
+    # -- shared work -----------------------------------------------------------------------------------------
+    def classifier(self, model: torch.nn.Module | None) -> ViTClassifier:
+        """`model` as the `ViTClassifier` this metric runs, or a clear error when none was passed."""
+        if not isinstance(model, ViTClassifier) and not hasattr(model, "embed"):
+            raise ValueError(f"{self.name} runs the model: pass the ViTClassifier to update(batch, model)")
+        return model  # type: ignore[return-value]
+
+    def shared(self, batch: AttributionBatch, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per (batch, `key`) for every metric of the process (`SHARED`)."""
+        return SHARED.get(batch, key, compute)
+
+    def unperturbed(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Outcomes:
+        """The batch's unperturbed `Outcomes` `[P]` (the plain forward), computed once for every curve metric."""
+        vit = self.classifier(model)
+        return SHARED.get(
+            batch,
+            ("unperturbed", id(vit)),
+            lambda: unperturbed_outcomes(vit, batch.images, batch.classes),
+        )
+
+    # -- values and curves -----------------------------------------------------------------------------------
     def auc(self, curves: Tensor) -> Tensor:
         """Trapezoid areas `[P]` of curves `[P, S]` over `axis()`; NaN curves give NaN."""
         x = self.axis().to(device=curves.device, dtype=torch.float64)
@@ -73,7 +158,7 @@ class CurveMetric(AttributionMetric):
 
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
         """Store the per-pair area `[P]` (returned) and curves `[P, S]` of this batch."""
-        memo = BATCH_CACHE.entry(batch)
+        memo = SHARED.entry(batch)
         if "maps-checked" not in memo:  # one warning per batch, not one per curve metric
             memo["maps-checked"] = True
             warn_degenerate_maps(self.name, batch.maps)
@@ -87,11 +172,12 @@ class CurveMetric(AttributionMetric):
         collective call under DDP, like `compute`."""
         s = self.axis().numel()
         with self._gathered():
-            if not _nonempty(self.curves):
+            stored = self.curves
+            if (len(stored) if isinstance(stored, list) else stored.numel()) == 0:
                 empty = torch.zeros(0)
                 return empty.long(), empty.long(), torch.zeros(0, s, dtype=torch.float64)
             index, cls, order = self._dedup_order()
-            return index, cls, _cat(self.curves).reshape(-1, s)[order]
+            return index, cls, dim_zero_cat(stored).reshape(-1, s)[order]
 
     def curve(self) -> tuple[Tensor, Tensor]:
         """`(axis [S], mean curve [S])` over de-duplicated pairs of all ranks whose curve is finite (NaN if none)."""

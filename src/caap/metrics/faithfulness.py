@@ -1,15 +1,14 @@
-"""LibraGrad faithfulness metrics: `MIF`, `LIF` and `SRG = LIF - MIF` (see `functional/faithfulness.py`).
+"""LibraGrad faithfulness metrics (Mehri et al., CVPR 2025): `MIF`, `LIF` and `SRG = LIF - MIF`.
 
-Each metric stores per (image, class) the trapezoid area of its curve over the removal ratios *including the
-unmasked end 0*, and the curves themselves (`curve()`, `per_sample_curves()`). `higher_is_better` follows the
-order and the score (`functional.faithfulness.higher_is_better`): e.g. MIF with `prob` is lower-is-better,
-MIF with `aopc` higher-is-better, SRG with `prob` higher-is-better.
+Per (image, class) the trapezoid area of the target's score while patch tokens are removed in map order, over
+the removal ratios *including the unmasked end 0* (`functional.faithfulness`); the curves are kept for
+`curve()`. `higher_is_better` follows the order and the score: MIF with `prob` is lower-is-better, MIF with
+`aopc` higher-is-better, SRG with `prob` higher-is-better.
 
-Shared work: every instance with the same perturbation settings (`ratios`, `removal`, `baseline`,
-`max_batch`) scoring the same batch with the same model shares one unperturbed forward and one set of
-perturbed forwards through `BATCH_CACHE`. The orders (MIF, LIF) that live instances with those settings need
-are computed together on the first request, so MIF, LIF and SRG with any scores cost the forwards of one
-MIF + one LIF curve, packed into the same batches.
+Shared work: instances with the same perturbation setting (`ratios`, `removal`, `baseline`, `max_batch`)
+scoring the same batch share one set of perturbed forwards, which computes on the first request every order
+(MIF, LIF) that a live instance with that setting needs; so MIF, LIF and SRG with any scores cost the forwards
+of one MIF and one LIF curve, packed into the same batches.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.metrics._cache import BATCH_CACHE
-from caap.metrics.curves import CurveMetric
+from caap.metrics.curves import CurveMetric, setting_key
 from caap.metrics.functional.faithfulness import (
     ORDERS,
     REMOVALS,
@@ -34,9 +32,7 @@ from caap.metrics.functional.faithfulness import (
     higher_is_better,
     removal_axis,
     token_removal_outcomes,
-    unperturbed_outcomes,
 )
-from caap.models.vit import ViTClassifier
 from caap.references import build_token_reference
 from caap.scores import CURVE_SCORES, check_score, score_curves
 
@@ -44,33 +40,10 @@ _LIVE: dict[int, weakref.ref] = {}
 """Live token-faithfulness metrics by id: which orders each perturbation setting needs."""
 
 
-def hashable_config(value: Any) -> Any:
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return tuple(sorted((str(k), hashable_config(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return tuple(hashable_config(v) for v in value)
-    return value
-
-
 def _plain_dict(value: Any) -> dict[str, Any]:
     if isinstance(value, DictConfig):
         return dict(OmegaConf.to_container(value, resolve=True))  # type: ignore[arg-type]
     return dict(value)
-
-
-def require_vit(metric: CurveMetric, model: torch.nn.Module | None) -> ViTClassifier:
-    if not isinstance(model, ViTClassifier) and not hasattr(model, "embed"):
-        raise ValueError(f"{metric.name} runs the model: pass the ViTClassifier to update(batch, model)")
-    return model  # type: ignore[return-value]
-
-
-def unperturbed(batch: AttributionBatch, model: ViTClassifier):
-    """The batch's unperturbed `Outcomes` `[P]`, computed once per (batch, model) for every metric."""
-    return BATCH_CACHE.get(
-        batch, ("unperturbed", id(model)), lambda: unperturbed_outcomes(model, batch.images, batch.classes)
-    )
 
 
 class _TokenFaithfulness(CurveMetric):
@@ -101,7 +74,7 @@ class _TokenFaithfulness(CurveMetric):
         if removal == "replace":
             plain = baseline if isinstance(baseline, str) else _plain_dict(baseline)
             build_token_reference(plain, "baseline", REPLACE_BASELINES)
-        self.baseline = hashable_config(baseline) if not isinstance(baseline, str) else baseline
+        self.baseline = setting_key(baseline) if not isinstance(baseline, str) else baseline
         if int(max_batch) < 1:
             raise ValueError(f"{self.name}: max_batch must be positive, got {max_batch}")
         self.max_batch = int(max_batch)
@@ -131,39 +104,40 @@ class _TokenFaithfulness(CurveMetric):
                 wanted.update(other.needs)
         return wanted
 
-    def outcomes(self, batch: AttributionBatch, model: ViTClassifier) -> dict[str, Any]:
-        """Perturbed `Outcomes` `[P, K]` per needed order, shared through `BATCH_CACHE`."""
-        memo = BATCH_CACHE.entry(batch)
-        key = ("tokens", id(model), self.setting())
-        missing = [o for o in self.needs if (key, o) not in memo]
-        if missing:
-            todo = sorted(o for o in self._wanted_orders() if (key, o) not in memo)
-            res = token_removal_outcomes(
-                model,
-                batch.images,
-                batch.maps,
-                batch.classes,
-                self.ratios,
-                todo,
-                self.removal,
-                self.baseline,
-                self.max_batch,
+    def outcomes(self, batch: AttributionBatch, model: torch.nn.Module | None) -> dict[str, Any]:
+        """Perturbed `Outcomes` `[P, K]` per needed order, shared with every instance of the same setting."""
+        vit = self.classifier(model)
+        key = ("tokens", id(vit), self.setting())
+        done = self.shared(batch, key, dict)  # order -> Outcomes, filled on demand
+        if any(o not in done for o in self.needs):
+            todo = sorted(o for o in self._wanted_orders() if o not in done)
+            done.update(
+                token_removal_outcomes(
+                    vit,
+                    batch.images,
+                    batch.maps,
+                    batch.classes,
+                    self.ratios,
+                    todo,
+                    self.removal,
+                    self.baseline,
+                    self.max_batch,
+                )
             )
-            for o, out in res.items():
-                memo[(key, o)] = out
-        return {o: memo[(key, o)] for o in self.needs}
+        return {o: done[o] for o in self.needs}
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse, before any map is computed, a model this metric cannot score (e.g. `removal=drop` on a
         model whose head needs the full token grid, or an MLP-Mixer)."""
-        check_removal(require_vit(self, model), self.removal)
+        check_removal(self.classifier(model), self.removal)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         """Per-pair curves `[P, K + 1]` of the score over `axis()` (SRG: LIF curve - MIF curve)."""
-        vit = require_vit(self, model)
-        check_removal(vit, self.removal)  # before any forward pass
-        full = unperturbed(batch, vit)
-        curves = {o: score_curves(full, out, self.score_kind) for o, out in self.outcomes(batch, vit).items()}
+        check_removal(self.classifier(model), self.removal)  # before any forward pass
+        full = self.unperturbed(batch, model)
+        curves = {
+            o: score_curves(full, out, self.score_kind) for o, out in self.outcomes(batch, model).items()
+        }
         if self.order == "srg":
             return curves["lif"] - curves["mif"]
         return curves[self.order]

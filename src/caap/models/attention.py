@@ -24,7 +24,7 @@ def set_fused_attn(model: nn.Module, enabled: bool) -> None:
     """Switch every timm attention module of `model` between fused SDPA and the explicit softmax(QK^T)V."""
     for module in model.modules():
         if hasattr(module, "fused_attn"):
-            module.fused_attn = enabled
+            setattr(module, "fused_attn", enabled)  # noqa: B010  (a plain attribute of timm's attention)
 
 
 def attention_modules(model: ViTClassifier) -> list[nn.Module]:
@@ -54,6 +54,13 @@ def attention_modules(model: ViTClassifier) -> list[nn.Module]:
     return mods
 
 
+def _attention_dropout(attn: nn.Module) -> nn.Module:
+    """The module whose output is the attention that multiplies V (`attn_drop`, checked by `attention_modules`)."""
+    drop = attn.attn_drop
+    assert isinstance(drop, nn.Module)
+    return drop
+
+
 @contextmanager
 def attention_hooks(model: ViTClassifier, hook: AttentionHook) -> Iterator[None]:
     """Call `hook(j, attention)` on block j's post-softmax attention `[B, heads, T, T]` (`attn_drop`'s output)
@@ -71,13 +78,13 @@ def attention_hooks(model: ViTClassifier, hook: AttentionHook) -> Iterator[None]
     try:
         set_fused_attn(model, False)
         for j, attn in enumerate(attns):
-            handles.append(attn.attn_drop.register_forward_hook(block_hook(j)))
+            handles.append(_attention_dropout(attn).register_forward_hook(block_hook(j)))
         yield
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in flags:
-            module.fused_attn = flag
+            setattr(module, "fused_attn", flag)  # noqa: B010
 
 
 @contextmanager

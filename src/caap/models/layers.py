@@ -1,6 +1,6 @@
 """Layer ranges over the residual stream: `layers.start` / `layers.stop` resolved against a model's depth.
 
-The residual positions of a ViT with L blocks are 0..L (DESIGN.md): `r_0` = token embeddings, `r_j` = input
+The residual positions of a ViT with L blocks are 0..L: `r_0` = token embeddings, `r_j` = input
 of block j (output of block j-1), `r_L` = output of the last block. A layer range is a Python slice over
 `range(L + 1)`: `start` and `stop` may be negative (counting from the end, so -1 is position L) and
 `stop=None` means "through L". CAAP (arXiv 2603.13652) patches the positions `range(start, stop)`.
@@ -67,7 +67,7 @@ def resolve_layer_range(
 def all_layer_ranges(depth: int) -> list[tuple[int, int]]:
     """Every valid CAAP layer range `(start, stop)` for a model with `depth` blocks, in sweep order.
 
-    The positions are `0..depth` (DESIGN.md), so the ranges are all `0 <= start < stop <= depth + 1`:
+    The positions are `0..depth`, so the ranges are all `0 <= start < stop <= depth + 1`:
     `(depth + 1) * (depth + 2) / 2` of them (28 for the 6-block FashionGrid ViT, 91 for ViT-B/16).
     This is the one generator of the layer sweep (`layers=all_pairs`) and of `layers=auto`'s landscape.
 

@@ -17,15 +17,20 @@ The head is `classify(pool(norm(r_L), keep))`. `pooling` names what the head rea
 `distilled` (DeiT: CLS and distillation tokens through two heads, averaged), `avg` / `max` / `avgmax` (patch
 tokens, plus the prefix tokens with `pool_include_prefix`), or `token+avg` (the CLS token concatenated with the
 mean patch token, the DINOv2 linear classifiers' input; registers excluded). `pool(x, keep)` pools a sequence
-in which only the patch tokens `keep` `[B, N]` are present, which is exactly pooling the shortened sequence
-(token-removal faithfulness metrics rely on this).
+in which only the patch tokens `keep` `[B, N]` are present, which is exactly pooling the shortened sequence.
+
+Token removal (`caap.token_removal`) asks the model: `can_drop_tokens` (attention models; not MLP-Mixer),
+`forward_kept` (the blocks on the prefix tokens and the kept patch tokens only), and `pool` defines the pooled
+feature of an empty set (every pooled token removed) as the all-zero vector, the head's "no evidence" input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
+from timm.layers import PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
 from timm.models.mlp_mixer import MlpMixer
@@ -54,6 +59,10 @@ class RopeBlock(nn.Module):
     attention module. Not registered as a submodule (the wrapped block belongs to the timm model).
     """
 
+    # the wrapped timm EVA block and the rope table (kept out of the submodules, see __init__)
+    block: nn.Module
+    _rope: Callable[[], Tensor | None]
+
     def __init__(self, block: nn.Module, rope: Callable[[], Tensor | None]) -> None:
         super().__init__()
         self.__dict__["block"] = block  # not a submodule: no duplicate parameters or state-dict keys
@@ -61,7 +70,7 @@ class RopeBlock(nn.Module):
 
     @property
     def attn(self) -> nn.Module:
-        return self.block.attn
+        return cast(nn.Module, self.block.attn)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         return self.block(x, rope=self._rope(), attn_mask=attn_mask)
@@ -82,6 +91,14 @@ class ViTClassifier(nn.Module):
         classifier: a module `[B, F] -> [B, C]` replacing the timm head (applied after `fc_norm`): the DINOv2
             linear head on CLS + mean patch token, or a CLIP zero-shot head.
     """
+
+    mean: Tensor  # [1, 3, 1, 1] normalisation buffers
+    std: Tensor
+    #: the wrapped timm `VisionTransformer` / `Eva` / `MlpMixer`. Typed `Any` on purpose: its attributes are read
+    #: per `family` (`stem`, `rope`, `_pos_embed`, `head_dist`), which a type checker cannot narrow from a string
+    model: Any
+    #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
+    data_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -125,7 +142,7 @@ class ViTClassifier(nn.Module):
         self.multilabel = multilabel
         self.class_names = list(class_names) if class_names is not None else None
         if family == "eva":
-            wrapped = [RopeBlock(b, self.rope_embed) for b in model.blocks]
+            wrapped = [RopeBlock(b, self.rope_embed) for b in self.model.blocks]
             self.__dict__["_block_list"] = wrapped
 
     @property
@@ -155,9 +172,9 @@ class ViTClassifier(nn.Module):
         return int(getattr(self.model, "num_prefix_tokens", 0))
 
     @property
-    def patch_embed(self) -> nn.Module:
+    def patch_embed(self) -> PatchEmbed:
         """timm's `PatchEmbed` (`stem` of an MLP-Mixer)."""
-        return self.model.stem if self.family == "mixer" else self.model.patch_embed
+        return cast(PatchEmbed, self.model.stem if self.family == "mixer" else self.model.patch_embed)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -175,7 +192,7 @@ class ViTClassifier(nn.Module):
     def num_classes(self) -> int:
         if self.classifier is not None:
             out = getattr(self.classifier, "out_features", None) or self.classifier.num_classes
-            return int(out)
+            return int(cast(int, out))  # nn.Linear's out_features, or the ZeroShotHead's num_classes
         return int(self.model.num_classes)
 
     @property
@@ -188,37 +205,51 @@ class ViTClassifier(nn.Module):
         """Whether patch pooling also averages the prefix tokens (timm `pool_include_prefix`)."""
         return bool(getattr(self.model, "pool_include_prefix", False))
 
-    def check_token_removal(self, what: str = "token removal") -> None:
-        """Raise a ValueError saying why `what` (attention-masked token dropping) is undefined on this model."""
+    @property
+    def can_drop_tokens(self) -> bool:
+        """Whether patch tokens may leave the sequence (taken out, or hidden from every query by an attention key
+        mask) with the head pooling what is left: True for attention models, False for MLP-Mixer (token-mixing
+        MLPs of a fixed length). A subclass whose head reads the full token grid sets it to False."""
+        return self.has_attention
+
+    def check_token_removal(self, what: str = "token removal", hint: str = "") -> None:
+        """Raise a ValueError saying why `what` (removing patch tokens from the sequence) is undefined on this
+        model, followed by `hint` (e.g. the alternative to use); nothing when `can_drop_tokens`."""
         _ = self.pooling  # a head that cannot be read fails here
-        if not self.has_attention:
-            raise ValueError(
-                f"{what} is not supported on model '{self.name}' ({self.family}): its token-mixing MLPs have a "
-                f"fixed sequence length, so tokens cannot be hidden by an attention mask"
-            )
+        if self.can_drop_tokens:
+            return
+        reason = (
+            "its token-mixing MLPs have a fixed sequence length"
+            if not self.has_attention
+            else "its head needs the full token grid"
+        )
+        raise ValueError(
+            f"{what} is not supported on model '{self.name}' ({self.family}): {reason}, so tokens cannot be "
+            f"removed from the sequence{hint}"
+        )
 
     def grid_size(self, images: Tensor) -> tuple[int, int]:
         """Patch grid `(gh, gw)` for images of this spatial size."""
         h, w = images.shape[-2:]
         pe = self.patch_embed
         if getattr(pe, "dynamic_img_size", False) or getattr(self.model, "dynamic_img_size", False):
-            return tuple(pe.dynamic_feat_size((h, w)))
-        expected = tuple(pe.img_size)
+            return _int_pair(pe.dynamic_feat_size((h, w)))
+        expected = _int_pair(pe.img_size)
         if (h, w) != expected:
             raise ValueError(
                 f"model '{self.name}' expects {expected[0]}x{expected[1]} images, got {h}x{w}; "
                 f"resize the data or build the model with dynamic_img_size=true"
             )
-        return tuple(pe.grid_size)
+        return _int_pair(pe.grid_size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(self.patch_embed.patch_size)
+        return _int_pair(self.patch_embed.patch_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
         """The input size `(H, W)` the model was built for."""
-        return tuple(self.patch_embed.img_size)
+        return _int_pair(self.patch_embed.img_size)
 
     # -- the residual stream --------------------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
@@ -250,11 +281,35 @@ class ViTClassifier(nn.Module):
     def forward_blocks(
         self, x: Tensor, start: int = 0, stop: int | None = None, attn_mask: Tensor | None = None
     ) -> Tensor:
-        """Run blocks `start..stop-1` on `r_start` `[B, T, D]`, returning `r_stop`; `attn_mask` as timm blocks take it."""
+        """Run blocks `start..stop-1` on `r_start` `[B, T, D]`, returning `r_stop`; `attn_mask` as timm blocks take it.
+
+        A sequence without any token (`T = 0`: every token removed) passes through unchanged."""
         if attn_mask is not None:
             self.check_token_removal("an attention mask")
+        if x.shape[1] == 0:
+            return x
         for block in list(self.blocks)[start:stop]:
             x = block(x) if attn_mask is None else block(x, attn_mask=attn_mask)
+        return x
+
+    def forward_kept(self, r0: Tensor, kept: Tensor, rows: Tensor | None = None) -> Tensor:
+        """`r_L` `[B, npre + k, D]` of the sequence that holds only the prefix tokens and the patch tokens `kept`
+        `[B, k]` (ascending patch indices, the same k for every row; k may be 0) of `r0[rows]` (`r_0` `[P, T, D]`,
+        `rows` `[B]`, default all rows): the other patch tokens are taken out of the sequence.
+
+        Every token keeps its own position: ViT's position embedding is in `r_0`; EVA's rotary table is gathered
+        at the kept positions (as timm's patch dropout does)."""
+        self.check_token_removal("dropping tokens")
+        b, npre = kept.shape[0], self.num_prefix_tokens
+        rows = torch.arange(b, device=r0.device) if rows is None else rows
+        prefix = torch.arange(npre, device=r0.device).expand(b, npre)
+        x = r0[rows[:, None], torch.cat([prefix, kept + npre], dim=1)]  # [B, npre + k, D]
+        rope = self.rope_embed()
+        if rope is None or x.shape[1] == 0:
+            return self.forward_blocks(x)
+        rope = rope.to(x.device)[kept][:, None]  # [B, 1, k, dim]: per-row tables, as timm's patch dropout
+        for block in self.model.blocks:
+            x = block(x, rope=rope)
         return x
 
     def final_norm(self, x: Tensor) -> Tensor:
@@ -276,13 +331,15 @@ class ViTClassifier(nn.Module):
         w = None if keep is None else keep.to(x.dtype)
         if pool == "token+avg":
             patches = x[:, npre:]
-            mean = patches.mean(1) if w is None else _masked_mean(patches, w)
+            mean = _mean_or_zero(patches) if w is None else _masked_mean(patches, w)
             return torch.cat([x[:, 0], mean], dim=-1)
         if self.pool_include_prefix:
             if w is not None:
                 w = torch.cat([w.new_ones(w.shape[0], npre), w], dim=1)
         else:
             x = x[:, npre:]
+        if w is None and x.shape[1] == 0:  # every pooled token removed: the empty set's all-zero feature
+            w = x.new_zeros(x.shape[0], 0)
         if w is None:
             avg = x.mean(1)
             mx = x.amax(1) if pool != "avg" else None
@@ -291,10 +348,11 @@ class ViTClassifier(nn.Module):
             mx = None
             if pool != "avg":
                 count = w.sum(1)[:, None]
-                mx = x.masked_fill(w[:, :, None] == 0, float("-inf")).amax(1)
+                mx = x.masked_fill(w[:, :, None] == 0, float("-inf")).amax(1) if x.shape[1] else avg
                 mx = torch.where(count > 0, mx, torch.zeros_like(mx))
         if pool == "avg":
             return avg
+        assert mx is not None  # every pool but `avg` computed its max above
         return mx if pool == "max" else 0.5 * (mx + avg)
 
     def classify(self, features: Tensor) -> Tensor:
@@ -344,6 +402,17 @@ class ViTClassifier(nn.Module):
         attention models."""
         mixers = [getattr(block, "mlp_tokens", None) for block in self.model.blocks]
         return {m for mlp in mixers if isinstance(mlp, nn.Module) for m in mlp.modules()}
+
+
+def _int_pair(value: Sequence[int]) -> tuple[int, int]:
+    """`(a, b)` from timm's two-element size sequences (tuples, or lists after a config round trip)."""
+    a, b = value
+    return int(a), int(b)
+
+
+def _mean_or_zero(x: Tensor) -> Tensor:
+    """Mean of `x` `[B, T, D]` over its tokens; the all-zero feature when `T = 0`."""
+    return x.mean(1) if x.shape[1] else x.new_zeros(x.shape[0], x.shape[2])
 
 
 def _masked_mean(x: Tensor, w: Tensor) -> Tensor:

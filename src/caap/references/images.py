@@ -40,10 +40,10 @@ def _rgb(value: float | Sequence[float], key: str) -> tuple[float, float, float]
     values = tuple(float(v) for v in value)
     if len(values) != 3:
         raise ValueError(f"{key}={list(value)!r} must be one number or three (R, G, B) in [0, 1]")
-    return values  # type: ignore[return-value]
+    return values
 
 
-def _resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+def _resize(image: Tensor, size: tuple[int, ...]) -> Tensor:
     """Bilinear (antialiased) resize of `[N, 3, h, w]` to `size`; a no-op when it already has that size."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
@@ -61,9 +61,11 @@ class ReferenceImage(ABC):
     """
 
     kind: str = "reference"
-    _key: str = "neutral"  # the config entry that holds this reference (`neutral`, `baseline`), for messages
     depends_on_image: bool = False
     num_samples: int = 1
+
+    def __init__(self, *, key: str = "neutral") -> None:
+        self._key = key  # the config entry that holds this reference (`neutral`, `baseline`), for messages
 
     @abstractmethod
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
@@ -94,9 +96,6 @@ class BlackImage(ReferenceImage):
 
     kind = "black"
 
-    def __init__(self, *, key: str = "neutral") -> None:
-        self._key = key
-
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
         _check_source(source)
         return source.new_zeros((1, 1, *source.shape[1:]))
@@ -116,7 +115,7 @@ class MeanColorImage(ReferenceImage):
     kind = "mean_color"
 
     def __init__(self, rgb: float | Sequence[float] | None = None, *, key: str = "neutral") -> None:
-        self._key = key
+        super().__init__(key=key)
         self.rgb = None if rgb is None else _rgb(rgb, f"{key}.rgb")
 
     def images(self, source: Tensor, model: ViTClassifier) -> Tensor:
@@ -164,7 +163,7 @@ class BlurredImage(ReferenceImage):
     depends_on_image = True
 
     def __init__(self, sigma: float = 5.0, kernel_size: int | None = None, *, key: str = "neutral") -> None:
-        self._key = key
+        super().__init__(key=key)
         if not sigma > 0:
             raise ValueError(f"{key}.sigma={sigma!r} must be > 0 (pixels)")
         if kernel_size is not None and (kernel_size < 1 or kernel_size % 2 != 1):
@@ -203,7 +202,7 @@ class NoiseImages(ReferenceImage):
         *,
         key: str = "neutral",
     ) -> None:
-        self._key = key
+        super().__init__(key=key)
         if distribution not in NOISE_DISTRIBUTIONS:
             raise ValueError(
                 f"{key}.distribution={distribution!r} is not supported; allowed: {list(NOISE_DISTRIBUTIONS)}"
@@ -252,7 +251,7 @@ class FileImage(ReferenceImage):
     kind = "image"
 
     def __init__(self, path: str, *, key: str = "neutral") -> None:
-        self._key = key
+        super().__init__(key=key)
         if path is None:
             raise ValueError(f"{key}.path is required for {key}.kind='image' (an image file)")
         self.path = str(path)
@@ -300,7 +299,7 @@ class DatasetMeanImage(ReferenceImage):
     def __init__(
         self, path: str | None = None, max_images: int | None = 1024, *, key: str = "neutral"
     ) -> None:
-        self._key = key
+        super().__init__(key=key)
         self.path = None if path is None else str(path)
         self.max_images = max_images
         self._mean: Tensor | None = None

@@ -1,32 +1,7 @@
-"""Pure tensor functions behind the metrics: token deletion / insertion curves, pointing games."""
+"""Pure tensor functions behind the metrics: pointing games, localisation, segmentation, sanity checks.
 
-from caap.metrics.functional.pointing import grid_pointing_game, mask_patch_counts, pointing_game
-from caap.metrics.functional.token_perturbation import (
-    DEFAULT_FRACTIONS,
-    check_fractions,
-    curve_auc,
-    deletion_curves,
-    insertion_curves,
-    keep_masks,
-    masked_head,
-    patch_ranking,
-    token_perturbation_curves,
-)
-
-__all__ = [
-    "DEFAULT_FRACTIONS",
-    "check_fractions",
-    "curve_auc",
-    "deletion_curves",
-    "grid_pointing_game",
-    "insertion_curves",
-    "keep_masks",
-    "mask_patch_counts",
-    "masked_head",
-    "patch_ranking",
-    "pointing_game",
-    "token_perturbation_curves",
-]
+The faithfulness curves (`faithfulness`, `pixel_perturbation`) run the model; import them from their modules.
+"""
 
 from caap.metrics.functional.localisation import (
     bounding_boxes,
@@ -35,6 +10,7 @@ from caap.metrics.functional.localisation import (
     positive_energy_share,
     tolerant_pointing_game,
 )
+from caap.metrics.functional.pointing import grid_pointing_game, mask_patch_counts, pointing_game
 from caap.metrics.functional.sanity import (
     cascade_stages,
     cascading_randomisation,
@@ -52,17 +28,20 @@ from caap.metrics.functional.segmentation import (
     upsample_maps,
 )
 
-__all__ += [
+__all__ = [
     "bounding_boxes",
     "cascade_stages",
     "cascading_randomisation",
     "class_discrimination",
     "energy_pointing_game",
+    "grid_pointing_game",
     "gur_average_precision",
+    "mask_patch_counts",
     "mean_iou",
     "mean_threshold",
     "minmax_normalise",
     "pixel_accuracy",
+    "pointing_game",
     "positive_energy_share",
     "segmentation_average_precision",
     "segmentation_counts",

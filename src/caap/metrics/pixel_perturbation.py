@@ -2,7 +2,8 @@
 
 Per (image, class) the trapezoid area of the target's score along the path of `functional.pixel_perturbation`
 over x = 0, 1/K, ..., 1; the curves are kept for `curve()`. Both metrics share the unperturbed forward of a
-batch with every other faithfulness metric (`BATCH_CACHE`), and instances with equal settings share the path.
+batch with every other curve metric (`CurveMetric.unperturbed`), and instances with equal settings share the
+perturbed path (`CurveMetric.shared`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import torch
 from torch import Tensor
 
 from caap.batch import AttributionBatch
-from caap.metrics._cache import BATCH_CACHE
-from caap.metrics.curves import CurveMetric
-from caap.metrics.faithfulness import hashable_config, require_vit, unperturbed
+from caap.metrics.curves import CurveMetric, setting_key
 from caap.metrics.functional.pixel_perturbation import (
     RISE_BLUR,
     UPSAMPLING,
@@ -56,7 +55,7 @@ class _PixelPerturbation(CurveMetric):
             raise ValueError(
                 f"{self.name}: upsample='{upsample}' is not supported; allowed: {list(UPSAMPLING)}"
             )
-        baseline = self.default_baseline if baseline is None else hashable_config(baseline)
+        baseline = self.default_baseline if baseline is None else setting_key(baseline)
         pixel_reference(
             baseline if isinstance(baseline, str) else dict(baseline)
         )  # a bad baseline fails here
@@ -67,7 +66,7 @@ class _PixelPerturbation(CurveMetric):
         self.score_kind = score
         self.steps = None if steps is None else int(steps)
         self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
-        self._baseline_key = hashable_config(self.baseline)
+        self._baseline_key = setting_key(self.baseline)
         self.upsample = upsample
         self.max_batch = None if max_batch is None else int(max_batch)
         self._k: int | None = self.steps
@@ -78,11 +77,11 @@ class _PixelPerturbation(CurveMetric):
         return torch.linspace(0.0, 1.0, self._k + 1, dtype=torch.float64)
 
     def curves_of(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
-        vit = require_vit(self, model)
+        vit = self.classifier(model)
         self._k = batch.images.shape[-2] if self.steps is None else self.steps
         max_batch = self.max_batch or default_max_batch(batch.images.device)
         key = ("pixels", id(vit), self.mode, self._baseline_key, self._k, self.upsample, max_batch)
-        outcomes = BATCH_CACHE.get(
+        outcomes = self.shared(
             batch,
             key,
             lambda: pixel_perturbation_outcomes(
@@ -95,7 +94,7 @@ class _PixelPerturbation(CurveMetric):
                 self._k,
                 self.upsample,
                 max_batch,
-                full=unperturbed(batch, vit),
+                full=self.unperturbed(batch, vit),
             ),
         )
         return curve_values(outcomes, self.score_kind)
