@@ -60,7 +60,7 @@ def build_metrics(
 ) -> dict[str, AttributionMetric]:
     """Instantiate the metric group; a metric that needs masks the data lacks, or that cannot score the model
     (e.g. token dropping on a model that cannot lose tokens), fails here, before any map."""
-    metrics: dict[str, AttributionMetric] = {name: instantiate(node) for name, node in cfg.items()}
+    metrics: dict[str, AttributionMetric] = {str(name): instantiate(node) for name, node in cfg.items()}
     needs_masks = [name for name, m in metrics.items() if m.requires_masks]
     if needs_masks and datamodule.indices:
         sample = datamodule.dataset[datamodule.indices[0]]
