@@ -136,10 +136,12 @@ def print_summary(
         better = "higher" if higher_is_better(name, metrics) else "lower"
         table.add_row(name, f"{value:.4f}", better)
     console.print(table)
-    console.print(f"outputs: {facts['output_dir']}")
+    # soft_wrap: paths stay on one line (rich would fold them at the terminal width), so they can be copied
+    console.print(f"outputs: {facts['output_dir']}", soft_wrap=True)
     if facts.get("wandb_dir"):
         console.print(
-            f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})"
+            f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})",
+            soft_wrap=True,
         )
 
 
