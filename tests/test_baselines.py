@@ -99,10 +99,38 @@ def test_rise_centered_is_the_offset_free_form(models: dict[str, ViTClassifier])
     centered = RISE(num_masks=32, seed=1, centered=True)(model, images, target)
     masks = RiseMasks(32, 56, 56, 14, 0.5, 1).build(torch.arange(32), images.device)
     with torch.no_grad():
-        x = (images[:, None] * masks[None, :, None]).flatten(0, 1)
+        x = (
+            images[:, None] * masks[None, :, None] + (1 - masks[None, :, None]) * model.mean[:, None]
+        ).flatten(0, 1)
         scores = model.probabilities(model(x))[torch.arange(64), target.repeat_interleave(32)].reshape(2, 32)
     cover = torch.nn.functional.avg_pool2d(masks.sum(0)[None, None], 7)[0, 0] / (32 * 0.5)
     torch.testing.assert_close(plain - centered, scores.mean(1)[:, None, None] * cover, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked_value", ["mean", "black"])
+def test_rise_equals_the_official_formula(models: dict[str, ViTClassifier], masked_value: str) -> None:
+    """Official RISE (eclique/RISE `explanations.py`, `RISE.forward`): `stack = masks * x` on the
+    *normalised* tensor x, `sal = scores^T masks / N / p1`; so a masked pixel is the normalisation mean colour
+    (0.2 here, not black). `masked_value=black` multiplies in pixel space instead."""
+    model = models["cls"]
+    assert float(model.mean.min()) > 0  # the two options differ on this model
+    images, target = _batch()
+    n = 16
+    got = RISE(num_masks=n, seed=2, masked_value=masked_value)(model, images, target)
+    masks = RiseMasks(n, 56, 56, 14, 0.5, 2).build(torch.arange(n), images.device)  # [N, H, W]
+    want = []
+    with torch.no_grad():
+        for i in range(2):
+            if masked_value == "mean":  # the official code: timm's own forward on masks * normalised image
+                logits = model.model(masks[:, None] * model.normalize(images[i : i + 1]))
+            else:
+                logits = model(masks[:, None] * images[i : i + 1])
+            scores = model.probabilities(logits)[:, target[i]]  # [N]
+            sal = (scores @ masks.reshape(n, -1)).reshape(56, 56) / n / 0.5
+            want.append(torch.nn.functional.avg_pool2d(sal[None, None], 7)[0, 0])
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="masked_value"):
+        RISE(masked_value="grey")
 
 
 def test_occlusion_equals_feature_ablation(models: dict[str, ViTClassifier]) -> None:
