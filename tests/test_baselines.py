@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from caap.methods import (
     RawAttention,
     TokenSampling,
 )
+from caap.methods.lime import patch_kernel_similarity
 from caap.methods.rise import RiseMasks
+from caap.methods.surrogate import WeightedRidge
 from caap.models.attention import capture_attention, set_fused_attn
 from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
@@ -131,6 +134,37 @@ def test_rise_equals_the_official_formula(models: dict[str, ViTClassifier], mask
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="masked_value"):
         RISE(masked_value="grey")
+
+
+def test_lime_weights_are_original_limes_kernel(
+    models: dict[str, ViTClassifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The surrogate's sample weights are original LIME's (marcotcr/lime `lime_image`: cosine distance between
+    the binary patch vector z and the all-on vector, kernel `sqrt(exp(-d^2 / 0.25^2))`), written out here for
+    the 64 patches of the model: d = 1 - sqrt(|z| / 64), all-off d = 1."""
+    seen: list[tuple[Tensor, Tensor]] = []
+    fit = WeightedRidge.fit
+
+    def recording_fit(self: WeightedRidge, train_data: Any, **kwargs: Any) -> Any:
+        for batch in train_data:
+            seen.append((batch[0].reshape(batch[0].shape[0], -1), batch[2].reshape(-1)))
+        return fit(self, train_data, **kwargs)
+
+    monkeypatch.setattr(WeightedRidge, "fit", recording_fit)
+    images, target = _batch(1)
+    Lime(n_samples=40, perturbations_per_eval=40, seed=1)(models["cls"], images, target)
+    z = torch.cat([x for x, _ in seen]).double()
+    w = torch.cat([w for _, w in seen]).double()
+    assert z.shape == (40, 64) and set(z.unique().tolist()) <= {0.0, 1.0}
+    d = 1 - (z.sum(1) / 64).sqrt()
+    want = torch.sqrt(torch.exp(-(d**2) / 0.25**2))
+    torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-7)
+    assert float(w.min()) < 0.6  # a real weighting (pixel cosine with width 1 kept every weight above 0.6)
+    sim = patch_kernel_similarity(0.25)
+    assert float(sim(None, None, torch.zeros(1, 64))) == pytest.approx(math.exp(-8))  # all off: d = 1
+    assert float(sim(None, None, torch.ones(1, 64))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="distance"):
+        Lime(distance="euclidean")
 
 
 def test_occlusion_equals_feature_ablation(models: dict[str, ViTClassifier]) -> None:
