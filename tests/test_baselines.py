@@ -25,7 +25,7 @@ from caap.methods import (
 from caap.methods.lime import patch_kernel_similarity
 from caap.methods.rise import RiseMasks
 from caap.methods.surrogate import WeightedRidge
-from caap.models.attention import capture_attention, set_fused_attn
+from caap.models.attention import attention_readout, capture_attention, readout_rows, set_fused_attn
 from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
@@ -165,6 +165,25 @@ def test_lime_weights_are_original_limes_kernel(
     assert float(sim(None, None, torch.ones(1, 64))) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="distance"):
         Lime(distance="euclidean")
+
+
+def test_distilled_deit_attention_reads_both_head_tokens() -> None:
+    """DeiT distilled averages the heads of the CLS and distillation tokens (rows 0 and 1), so raw attention,
+    rollout and GenAtt read the mean of those two rows (patch columns), not the CLS row alone."""
+    torch.manual_seed(0)
+    model = build_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=5, kwargs={"depth": 2})
+    assert model.num_prefix_tokens == 2 and readout_rows(model) == "cls+dist"
+    matrix = torch.rand(2, 6, 6)
+    torch.testing.assert_close(
+        attention_readout(model, matrix), 0.5 * (matrix[:, 0, 2:] + matrix[:, 1, 2:]), rtol=0, atol=0
+    )
+    images, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    with torch.no_grad(), capture_attention(model) as attentions:
+        model(images)
+    last = attentions[-1].float().mean(1)  # [B, T, T], heads averaged
+    got = RawAttention(block=-1)(model, images, target).reshape(2, -1)
+    torch.testing.assert_close(got, 0.5 * (last[:, 0, 2:] + last[:, 1, 2:]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, last[:, 0, 2:])  # the CLS row alone is a different map
 
 
 def test_occlusion_equals_feature_ablation(models: dict[str, ViTClassifier]) -> None:
