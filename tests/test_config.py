@@ -142,6 +142,18 @@ def test_data_options_instantiate(compose_cfg, name: str, tmp_path: Path) -> Non
         )
 
 
+def test_synthetic_data_takes_the_input_size_of_any_model(compose_cfg) -> None:
+    """`data=synthetic` with a 224 px backbone draws 224 px grids (unless data.dataset.image_size is set)."""
+    from caap.models import build_model
+    from caap.run import build_datamodule
+
+    model = build_model("vit_small_patch16_224", num_classes=10, kwargs={"depth": 1})
+    images = build_datamodule(compose_cfg("data=synthetic"), model).dataset[0]["image"][None]
+    assert images.shape == (1, 3, 224, 224) and model(images).shape == (1, 10)
+    set_size = compose_cfg("data=synthetic", "data.dataset.image_size=112")
+    assert build_datamodule(set_size, model).dataset[0]["image"].shape == (3, 112, 112)
+
+
 # (start, stop) of each layers option, and the range CAAP resolves from it on a 6-block model
 LAYER_RANGES = {"default": ((0, 2), (0, 2)), "early": ((0, None), (0, 7)), "middle": ((2, -2), (2, 5))}
 LAYER_RANGES["auto"] = ((0, None), (0, 7))  # placeholders, replaced by the chosen range

@@ -303,7 +303,7 @@ def test_run_on_voc_scores_segmentation_metrics(compose_cfg, tmp_path) -> None:
 def _fixture_for(name: str, tmp_path) -> list[str]:
     """Fixture files for a data option and the overrides pointing the run at them."""
     rgb, mask = _two_region_image(40, 50)
-    if name == "imagenet_val":
+    if name in ("imagenet_val", "image_folder"):
         _jpeg(tmp_path / WNIDS[7] / "ILSVRC2012_val_00000001.JPEG")
         return [f"data.root={tmp_path}"]
     if name == "imagenet_s":
@@ -323,9 +323,12 @@ def _fixture_for(name: str, tmp_path) -> list[str]:
     return [f"data.root={_voc_fixture(tmp_path)}"]
 
 
-@pytest.mark.parametrize("name", ["imagenet_val", "imagenet_s", "imagenet_segmentation", "voc_segmentation"])
+@pytest.mark.parametrize(
+    "name", ["imagenet_val", "imagenet_s", "imagenet_segmentation", "voc_segmentation", "image_folder"]
+)
 def test_data_options_follow_the_model_preprocessing(compose_cfg, tmp_path, name: str) -> None:
-    """Each real-data option fills size, crop_pct, interpolation, classes from an ImageNet-1k model."""
+    """Each real-data option (and any image folder) fills size, crop_pct, interpolation, classes from an
+    ImageNet-1k model, whose 1000 class names are unique."""
     from caap.models import build_model
     from caap.run import build_datamodule
 
@@ -336,5 +339,9 @@ def test_data_options_follow_the_model_preprocessing(compose_cfg, tmp_path, name
     assert sample["image"].shape == (3, 56, 56) and float(sample["image"].min()) >= 0.0
     assert datamodule.dataset.transform.resize == 112  # floor(56 / crop_pct)
     assert datamodule.class_names[0] == "tench"
-    if name != "imagenet_val":
+    if name in ("imagenet_val", "image_folder"):  # the two cranes and the two maillots, told apart
+        assert len(set(datamodule.class_names)) == 1000
+        assert datamodule.class_names[134] == "crane (n02012849)" == f"crane ({WNIDS[134]})"
+        assert datamodule.class_names[517] == "crane (n03126707)"
+    if name not in ("imagenet_val", "image_folder"):
         assert sample["segmentation"].shape == (56, 56) and sample["segmentation"].dtype == torch.long

@@ -22,7 +22,8 @@ class ModelConfig:
     name: str = MISSING
     pretrained: bool = False
     weights: str | None = None
-    num_classes: int | None = None
+    num_classes: int | None = None  # None: the weights' head
+    reset_head: bool = False  # a new random head of num_classes outputs instead of the weights' head
     fused_attn: bool = True
     img_size: int | None = None
     dynamic_img_size: bool = False

@@ -55,7 +55,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_differences(stored: dict[Any, Any], current: dict[Any, Any]) -> list[str]:
     """Dotted keys whose values differ between two resolved configs, ignoring `MAY_DIFFER` keys."""
     a, b = _flatten(stored), _flatten(current)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -107,7 +107,7 @@ def job_label(hydra_cfg: DictConfig | None = None) -> str:
 
 def _hydra_or_none() -> DictConfig | None:
     try:
-        return HydraConfig.get()
+        return cast(DictConfig, HydraConfig.get())  # hydra annotates its dataclass; the value is a DictConfig
     except ValueError:  # not inside a Hydra app (tests composing configs, notebooks)
         return None
 

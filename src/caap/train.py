@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -30,6 +31,7 @@ from torchmetrics.classification import MultilabelAveragePrecision
 
 from caap.models import build_model
 from caap.models.fashiongrid import ASSETS
+from caap.models.vit import ViTClassifier
 from caap.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class MultiLabelTrainer(L.LightningModule):
     """BCE training of a `ViTClassifier` on multi-hot targets, AdamW with linear warm-up and cosine decay."""
 
     def __init__(
-        self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int
+        self, model: ViTClassifier, lr: float, weight_decay: float, warmup_steps: int, total_steps: int
     ):
         super().__init__()
         self.model = model
@@ -84,7 +86,11 @@ def train(cfg: DictConfig) -> dict:
     """Train, test and export `cfg.model` on `cfg.dataset`; returns the model card as a dict."""
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads) if cfg.threads else None
-    kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) if cfg.model.get("kwargs") else None
+    kwargs = (
+        cast(dict[str, Any], OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+        if cfg.model.get("kwargs")
+        else None
+    )
     model = build_model(name=cfg.model.name, pretrained=False, multilabel=True, kwargs=kwargs)
     datasets = {
         split: instantiate(cfg.dataset, split=split, size=cfg[f"{split}_size"], seed=cfg.seed)

@@ -212,7 +212,7 @@ class WandbMedia(L.Callback):
         if rows:
             columns = list(dict.fromkeys(k for row in rows for k in row))
             payload["per_image"] = wandb.Table(
-                columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+                columns=list(columns), data=[[r.get(c) for c in columns] for r in rows]
             )
         for name, value in pl_module.results.items():
             logger.experiment.summary[f"test/{name}"] = value

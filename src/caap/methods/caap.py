@@ -84,7 +84,7 @@ class CAAP(AttributionMethod):
         self.start = start
         self.stop = stop
         self.mode = check_choice("mode", mode, MODES)
-        self.score: Score = check_score(score)  # type: ignore[assignment]
+        self.score: Score = check_score(score)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window={window!r} must be an integer >= 1 (k x k patch windows)")
         self.window = window

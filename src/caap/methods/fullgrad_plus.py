@@ -17,6 +17,8 @@ of that output (a LayerNorm's beta gets the gradient of its rewired output; q/k 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,7 @@ def biased_layers(model: ViTClassifier) -> list[nn.Module]:
     Raises NotImplementedError for biases that enter without a module output to read their gradient from
     (EVA's `q_bias` / `v_bias`, added to the qkv projection inside `F.linear`) or in layers without a rule.
     """
-    layers = []
+    layers: list[nn.Module] = []
     for part in model.modules_after_embedding():
         for m in part.modules():
             if isinstance(getattr(m, "q_bias", None), nn.Parameter) or isinstance(
@@ -71,7 +73,7 @@ class FullGradPlus(GradientFamily):
 
         def capture(module: nn.Module, args: tuple, out: Tensor) -> None:
             if out.requires_grad:
-                captured.append((module.bias, out, module in mixing))
+                captured.append((cast(Tensor, module.bias), out, module in mixing))  # a biased_layers module
 
         with self.rewired(model):
             # registered after the LibraGrad hooks, so they see each layer's rewired output

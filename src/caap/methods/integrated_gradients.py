@@ -30,8 +30,8 @@ BASELINES = (ZERO_TOKENS, "black", "mean_color", "blur")
 def quadrature(steps: int, rule: str) -> tuple[Tensor, Tensor]:
     """(alphas `[steps]`, weights `[steps]`) on [0, 1], float64."""
     if rule == "gausslegendre":
-        nodes, w = np.polynomial.legendre.leggauss(steps)
-        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * w)
+        nodes, node_weights = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy(0.5 * (nodes + 1)), torch.from_numpy(0.5 * node_weights)
     if rule == "riemann_trapezoid":
         if steps < 2:
             raise ValueError("riemann_trapezoid needs steps >= 2")

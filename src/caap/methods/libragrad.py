@@ -20,14 +20,14 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from caap.models.libragrad_sites import AttentionSite, libragrad_sites
 from caap.models.vit import ViTClassifier
-from caap.scores import PROB_OR_LOGIT
+from caap.scores import PROB_OR_LOGIT, Score
 
 __all__ = [
     "PRESETS",
@@ -112,14 +112,14 @@ def resolve_libragrad(libragrad: bool | str | LibraGradRules | None) -> LibraGra
     )
 
 
-def resolve_score(score: str | None, rules: LibraGradRules | None) -> str:
+def resolve_score(score: str | None, rules: LibraGradRules | None) -> Score:
     """The differentiated score: explicit `score` (`prob` / `logit`), else the preset's head (LibraGrad) or the
     logit (plain gradients)."""
     if score is None:
-        return rules.head if rules is not None else "logit"
+        return cast(Score, rules.head) if rules is not None else "logit"
     if score not in PROB_OR_LOGIT:
         raise ValueError(f"method.score='{score}' is not supported; allowed: {list(PROB_OR_LOGIT)} or null")
-    return score
+    return score  # narrowed to a Score by the membership test
 
 
 # -- the rules as output substitutions -----------------------------------------------------------------
@@ -144,13 +144,13 @@ class _FrozenScaleNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, weight, rstd, ndim: int, eps: float, center: bool, zeros):  # type: ignore[override]
+    def forward(ctx, x, y, weight, rstd, ndim: int, eps: float, center: bool, zeros):
         ctx.save_for_backward(x, weight, rstd)
         ctx.ndim, ctx.eps, ctx.center, ctx.zeros = ndim, eps, center, zeros
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         if ctx.center and rstd is not None and rstd.dtype in (grad.dtype, torch.float32):
             zero_x = ctx.zeros(grad.shape, grad.dtype, grad.device)
@@ -193,12 +193,12 @@ class _DetachedGate(torch.autograd.Function):
     It is the module's own gate to the last bit of `y`, whatever its approximation (erf or tanh GELU)."""
 
     @staticmethod
-    def forward(ctx, x, y):  # type: ignore[override]
+    def forward(ctx, x, y):
         ctx.save_for_backward(x, y)
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, y = ctx.saved_tensors
         gate = torch.div(y, x).nan_to_num_(nan=0.5)
         return gate.mul_(grad), None
@@ -215,13 +215,13 @@ class _ValueOnlyAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v, q, k, out, scale: float):  # type: ignore[override]
+    def forward(ctx, v, q, k, out, scale: float):
         ctx.save_for_backward(q, k)
         ctx.scale = scale
         return out.view_as(out)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         q, k = ctx.saved_tensors
         b, h, n, d = q.shape
         g = grad.reshape(b, n, h, d).transpose(1, 2).to(q.dtype)  # [B, H, N, d]
@@ -255,12 +255,12 @@ def _value_only_backward(q: Tensor) -> bool:
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, factor: float):  # type: ignore[override]
+    def forward(ctx, x, factor: float):
         ctx.factor = factor
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         return grad * ctx.factor, None
 
 
@@ -275,7 +275,7 @@ def _norm_hook(center: bool, zeros: _ZeroBuffers) -> Callable[..., Tensor | None
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled() or not isinstance(out, Tensor):
             return None
-        shape = module.normalized_shape
+        shape = cast("int | tuple[int, ...]", module.normalized_shape)  # a LayerNorm / RmsNorm
         ndim = 1 if isinstance(shape, int) else len(shape)
         eps = module.eps if module.eps is not None else torch.finfo(out.dtype).eps
         weight = getattr(module, "weight", None)

@@ -1,11 +1,14 @@
 """`build_model`: a timm ViT / EVA / MLP-Mixer by name, with local weights, head, preprocessing and fused
 attention chosen by config.
 
-Weights: `pretrained=true` loads the model's pretrained weights from the Hugging Face cache (nothing is
-downloaded; a clear error says how to provide them offline when they are missing), `weights=PATH` loads a
-local checkpoint instead, `pretrained=false` (explicit) gives random weights. Preprocessing (input size,
-crop_pct, interpolation, mean and std) comes from timm's data config of the model (`ViTClassifier.data_config`);
-datasets read it so that images and masks are resized and cropped as the model was evaluated.
+Weights: `pretrained=true` loads the model's pretrained weights (downloaded through timm / huggingface_hub into
+the Hugging Face cache; under `HF_HUB_OFFLINE=1` only from the cache, with a clear error saying how to provide
+them when they are missing), `weights=PATH` loads a local checkpoint instead (safetensors, a PyTorch state dict
+or an AugReg / big_vision `.npz`, see `caap.models.weights`), `pretrained=false` (explicit) gives random weights.
+A head of another size than the weights' is refused unless `reset_head=true` asks for a new random one.
+Preprocessing (input size, crop_pct, interpolation, mean and std) comes from timm's data config of the model
+(`ViTClassifier.data_config`); datasets read it so that images and masks are resized and cropped as the model
+was evaluated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ from caap.models.attention import set_fused_attn
 from caap.models.heads import ZeroShotHead, clip_text_embeddings, dinov2_linear_head
 from caap.models.imagenet_classes import imagenet_class_names
 from caap.models.vit import ViTClassifier
+from caap.models.weights import (
+    WeightsSource,
+    check_npz_depth,
+    classes_to_build,
+    does_not_fit_message,
+    first_sentence,
+    hub_weights,
+    local_weights,
+    new_random_head,
+)
 
 HEADS = ("timm", "dinov2_linear", "clip_zeroshot")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -36,6 +49,7 @@ def build_model(
     pretrained: bool = False,
     weights: str | None = None,
     num_classes: int | None = None,
+    reset_head: bool = False,
     fused_attn: bool = True,
     img_size: int | None = None,
     dynamic_img_size: bool = False,
@@ -55,9 +69,14 @@ def build_model(
     Args:
         name: a timm model name (`timm.list_models()`), e.g. `vit_base_patch16_224` or `vit_fashiongrid_patch7_56`.
         pretrained: load the model's pretrained weights (its `pretrained_cfg`: the shipped file for the
-            FashionGrid model, otherwise the Hugging Face cache; nothing is downloaded offline).
-        weights: a local checkpoint (safetensors or a torch file) to load instead; implies pretrained.
-        num_classes: override the head size (a fresh head when it differs from the checkpoint).
+            FashionGrid model, otherwise the Hugging Face Hub through its cache; under `HF_HUB_OFFLINE=1` the
+            cache only).
+        weights: a local checkpoint to load instead (safetensors, a PyTorch state dict read with
+            `weights_only=True`, or an AugReg / big_vision `.npz`); implies pretrained.
+        num_classes: the head size; None: the weights' own. With weights whose head has another size it is an
+            error unless `reset_head`.
+        reset_head: replace the weights' head by a new random head of `num_classes` outputs (for a linear probe
+            or fine-tuning; a run that evaluates attributions of a random head is rarely what is meant).
         fused_attn: use fused scaled-dot-product attention; methods that read attention matrices switch it
             off inside themselves.
         img_size, dynamic_img_size: passed to timm (position embeddings are resampled as timm does).
@@ -87,18 +106,16 @@ def build_model(
         close = timm.list_models(f"*{arch.split('_')[0]}*", pretrained=bool(tag))[:8]
         raise ValueError(f"model '{name}' is not a timm model name; similar names: {close or 'none'}")
     extra: dict[str, Any] = dict(kwargs or {})
-    if num_classes is not None:
-        extra["num_classes"] = num_classes
     if img_size is not None:
         extra["img_size"] = img_size
     if dynamic_img_size:
         extra["dynamic_img_size"] = True
+    source: WeightsSource | None = None
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"model.weights='{weights}' is not a file")
-        extra["pretrained_cfg_overlay"] = dict(file=str(path))
-        pretrained = True
+        source, pretrained = local_weights(path, name), True
     if head == "dinov2_linear" and pretrained and head_weights is None:
         raise RuntimeError(
             f"model '{name}' with head=dinov2_linear needs the linear classifier's weights: pass the official "
@@ -110,18 +127,23 @@ def build_model(
         class_names = list(class_names) if class_names is not None else list(imagenet_class_names())
         if pretrained:
             text, scale = clip_text_embeddings(class_names, clip_model, clip_pretrained, prompts)
-    if pretrained and weights is None:
-        require_cached_weights(name)
-    try:
-        model = timm.create_model(name, pretrained=pretrained, **extra)
-    except (RuntimeError, OSError, ValueError) as err:
-        if pretrained and weights is None:
-            raise RuntimeError(
-                f"could not load pretrained weights for '{name}' offline ({err}). Put them in the Hugging Face "
-                f"cache (HF_HOME) on a machine with access and copy it here, or pass a local file with "
-                f"model.weights=/path/to/weights.safetensors; model.pretrained=false gives random weights."
-            ) from err
-        raise
+    if pretrained and source is None:
+        source = hub_weights(name)
+    build_classes, replace_head = num_classes, False  # other heads replace the timm head, whatever its size
+    if head == "timm":
+        build_classes, replace_head = classes_to_build(num_classes, source, reset_head)
+    if build_classes is not None:
+        extra["num_classes"] = build_classes
+    if source is not None and source.overlay is not None:
+        overlay = dict(source.overlay)
+        if build_classes is not None:  # timm drops (and loads non-strictly) a head of another size than this
+            overlay["num_classes"] = build_classes
+        extra["pretrained_cfg_overlay"] = overlay
+    model = create_timm_model(name, pretrained, extra, source)
+    if source is not None and source.path is not None and source.path.suffix == ".npz":
+        check_npz_depth(model, source.path, name)
+    if replace_head and source is not None:
+        new_random_head(model, num_classes if num_classes is not None else int(model.num_classes), source)
     set_fused_attn(model, fused_attn)
     data_config = model_data_config(model, crop_pct, interpolation)
     pooling, classifier = None, None
@@ -160,6 +182,30 @@ def build_model(
     return wrapped.eval()
 
 
+def create_timm_model(
+    name: str, pretrained: bool, extra: dict[str, Any], source: WeightsSource | None
+) -> Any:
+    """`timm.create_model(name, pretrained, **extra)` with messages that say what went wrong: local weights that
+    do not fit the architecture (which keys and shapes differ), hub weights that could not be fetched."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **extra)
+    except (RuntimeError, OSError, ValueError, KeyError, AssertionError, AttributeError) as err:
+        if source is None or not pretrained:
+            raise
+        if source.path is not None:
+            model_extra = {k: v for k, v in extra.items() if k != "pretrained_cfg_overlay"}
+            with torch.device("meta"):
+                reference = timm.create_model(name, pretrained=False, **model_extra)
+            shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+            raise ValueError(does_not_fit_message(source, name, shapes, err)) from err
+        raise RuntimeError(
+            f"could not load the pretrained weights of '{name}' ({first_sentence(err)}). Without "
+            f"network access, put them in the Hugging Face cache (HF_HOME) on a machine with access and copy it "
+            f"here, or pass a local file with model.weights=/path/to/weights.safetensors; "
+            f"model.pretrained=false gives random weights."
+        ) from err
+
+
 def model_data_config(
     model: torch.nn.Module, crop_pct: float | None = None, interpolation: str | None = None
 ) -> dict[str, Any]:
@@ -174,28 +220,6 @@ def model_data_config(
     if interpolation is not None:
         config["interpolation"] = interpolation
     return config
-
-
-def require_cached_weights(name: str) -> None:
-    """Raise a RuntimeError saying how to provide `name`'s pretrained weights offline when its Hugging Face
-    weights are not in the local cache (checked without any network access). Models whose pretrained config
-    names a local file (the shipped FashionGrid model) pass."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.get_pretrained_cfg(name)
-    if cfg is None or cfg.file or not cfg.hf_hub_id:
-        return
-    repo = cfg.hf_hub_id.rstrip("/")
-    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else []
-    files += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
-        return
-    raise RuntimeError(
-        f"pretrained weights of '{name}' are not in the Hugging Face cache ({repo}; nothing is downloaded). "
-        f"Copy the cache (HF_HOME, e.g. after `huggingface-cli download {repo}`) from a machine with access, or "
-        f"pass a local file with model.weights=/path/to/model.safetensors; model.pretrained=false gives random "
-        f"weights (explicitly, for tests only)."
-    )
 
 
 def model_depth(model_cfg: Any) -> int:

@@ -66,6 +66,8 @@ class ZeroShotHead(nn.Module):
         logit_scale: CLIP's temperature (100 for the OpenAI models).
     """
 
+    text: Tensor  # [C, E] normalised class embeddings (buffer)
+
     def __init__(self, proj: nn.Module, text_embeddings: Tensor, logit_scale: float = 100.0) -> None:
         super().__init__()
         self.proj = proj

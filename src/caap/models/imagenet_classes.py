@@ -3,6 +3,7 @@ class index c is the c-th synset in sorted WordNet-id order (n01440764 = 0, "ten
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cache
 
 from timm.data import ImageNetInfo
@@ -17,6 +18,13 @@ def imagenet_wnids() -> tuple[str, ...]:
 
 @cache
 def imagenet_class_names() -> tuple[str, ...]:
-    """Readable names of the 1000 classes (the first synonym of each synset), in timm's class order."""
+    """Readable names of the 1000 classes (the first synonym of each synset), in timm's class order, unique:
+    a name that two synsets share ("crane", the bird and the machine; "maillot") carries the synset id,
+    e.g. "crane (n02012849)", so that a name identifies its class in tables, labels files and media."""
     info = ImageNetInfo()
-    return tuple(info.index_to_description(i).split(",")[0] for i in range(info.num_classes()))
+    first = [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+    shared = {name for name, count in Counter(first).items() if count > 1}
+    return tuple(
+        f"{name} ({wnid})" if name in shared else name
+        for name, wnid in zip(first, imagenet_wnids(), strict=True)
+    )

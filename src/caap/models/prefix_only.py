@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import TypeGuard, cast
 
 import torch.nn.functional as F
 from timm.layers import Attention
@@ -44,7 +45,7 @@ def prefix_only_last_block(model: ViTClassifier) -> Callable[[Tensor], Tensor] |
     return partial(_prefix_only_block, block, num_prefix=model.num_prefix_tokens)
 
 
-def _supported(block: nn.Module) -> bool:
+def _supported(block: nn.Module) -> TypeGuard[Block]:
     attn = getattr(block, "attn", None)
     return (
         type(block) is Block
@@ -56,7 +57,7 @@ def _supported(block: nn.Module) -> bool:
 
 def _prefix_only_block(block: Block, x: Tensor, num_prefix: int) -> Tensor:
     """timm `Block` on `x` `[c, T, D]`: queries, projection and MLP for the first `num_prefix` tokens only."""
-    attn: Attention = block.attn
+    attn = cast(Attention, block.attn)  # `_supported` checked its type; timm declares `Block.attn` a Module
     c, t, _ = x.shape
     a, heads, hd = attn.attn_dim, attn.num_heads, attn.head_dim
     h = block.norm1(x)

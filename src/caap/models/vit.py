@@ -27,9 +27,10 @@ feature of an empty set (every pooled token removed) as the all-zero vector, the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
+from timm.layers import PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.eva import Eva
 from timm.models.mlp_mixer import MlpMixer
@@ -58,6 +59,10 @@ class RopeBlock(nn.Module):
     attention module. Not registered as a submodule (the wrapped block belongs to the timm model).
     """
 
+    # the wrapped timm EVA block and the rope table (kept out of the submodules, see __init__)
+    block: nn.Module
+    _rope: Callable[[], Tensor | None]
+
     def __init__(self, block: nn.Module, rope: Callable[[], Tensor | None]) -> None:
         super().__init__()
         self.__dict__["block"] = block  # not a submodule: no duplicate parameters or state-dict keys
@@ -65,7 +70,7 @@ class RopeBlock(nn.Module):
 
     @property
     def attn(self) -> nn.Module:
-        return self.block.attn
+        return cast(nn.Module, self.block.attn)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         return self.block(x, rope=self._rope(), attn_mask=attn_mask)
@@ -89,6 +94,9 @@ class ViTClassifier(nn.Module):
 
     mean: Tensor  # [1, 3, 1, 1] normalisation buffers
     std: Tensor
+    #: the wrapped timm `VisionTransformer` / `Eva` / `MlpMixer`. Typed `Any` on purpose: its attributes are read
+    #: per `family` (`stem`, `rope`, `_pos_embed`, `head_dist`), which a type checker cannot narrow from a string
+    model: Any
     #: timm's data config of the model (mean, std, crop_pct, interpolation), set by `build_model`; None otherwise
     data_config: dict[str, Any] | None = None
 
@@ -134,7 +142,7 @@ class ViTClassifier(nn.Module):
         self.multilabel = multilabel
         self.class_names = list(class_names) if class_names is not None else None
         if family == "eva":
-            wrapped = [RopeBlock(b, self.rope_embed) for b in model.blocks]
+            wrapped = [RopeBlock(b, self.rope_embed) for b in self.model.blocks]
             self.__dict__["_block_list"] = wrapped
 
     @property
@@ -164,9 +172,9 @@ class ViTClassifier(nn.Module):
         return int(getattr(self.model, "num_prefix_tokens", 0))
 
     @property
-    def patch_embed(self) -> nn.Module:
+    def patch_embed(self) -> PatchEmbed:
         """timm's `PatchEmbed` (`stem` of an MLP-Mixer)."""
-        return self.model.stem if self.family == "mixer" else self.model.patch_embed
+        return cast(PatchEmbed, self.model.stem if self.family == "mixer" else self.model.patch_embed)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -184,7 +192,7 @@ class ViTClassifier(nn.Module):
     def num_classes(self) -> int:
         if self.classifier is not None:
             out = getattr(self.classifier, "out_features", None) or self.classifier.num_classes
-            return int(out)
+            return int(cast(int, out))  # nn.Linear's out_features, or the ZeroShotHead's num_classes
         return int(self.model.num_classes)
 
     @property
@@ -225,23 +233,23 @@ class ViTClassifier(nn.Module):
         h, w = images.shape[-2:]
         pe = self.patch_embed
         if getattr(pe, "dynamic_img_size", False) or getattr(self.model, "dynamic_img_size", False):
-            return tuple(pe.dynamic_feat_size((h, w)))
-        expected = tuple(pe.img_size)
+            return _int_pair(pe.dynamic_feat_size((h, w)))
+        expected = _int_pair(pe.img_size)
         if (h, w) != expected:
             raise ValueError(
                 f"model '{self.name}' expects {expected[0]}x{expected[1]} images, got {h}x{w}; "
                 f"resize the data or build the model with dynamic_img_size=true"
             )
-        return tuple(pe.grid_size)
+        return _int_pair(pe.grid_size)
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(self.patch_embed.patch_size)
+        return _int_pair(self.patch_embed.patch_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
         """The input size `(H, W)` the model was built for."""
-        return tuple(self.patch_embed.img_size)
+        return _int_pair(self.patch_embed.img_size)
 
     # -- the residual stream --------------------------------------------------------------------------
     def normalize(self, images: Tensor) -> Tensor:
@@ -344,6 +352,7 @@ class ViTClassifier(nn.Module):
                 mx = torch.where(count > 0, mx, torch.zeros_like(mx))
         if pool == "avg":
             return avg
+        assert mx is not None  # every pool but `avg` computed its max above
         return mx if pool == "max" else 0.5 * (mx + avg)
 
     def classify(self, features: Tensor) -> Tensor:
@@ -393,6 +402,12 @@ class ViTClassifier(nn.Module):
         attention models."""
         mixers = [getattr(block, "mlp_tokens", None) for block in self.model.blocks]
         return {m for mlp in mixers if isinstance(mlp, nn.Module) for m in mlp.modules()}
+
+
+def _int_pair(value: Sequence[int]) -> tuple[int, int]:
+    """`(a, b)` from timm's two-element size sequences (tuples, or lists after a config round trip)."""
+    a, b = value
+    return int(a), int(b)
 
 
 def _mean_or_zero(x: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ def _rgb(value: float | Sequence[float], key: str) -> tuple[float, float, float]
     values = tuple(float(v) for v in value)
     if len(values) != 3:
         raise ValueError(f"{key}={list(value)!r} must be one number or three (R, G, B) in [0, 1]")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _resize(image: Tensor, size: tuple[int, ...]) -> Tensor:

@@ -47,8 +47,10 @@ def representatives(
     methods = {r.method for r in records}
     if len(methods) == 1:
         return ranked[:top_if_one_method]
-    seen: set[str] = set()
-    return [r for r in ranked if not (r.method in seen or seen.add(r.method))]
+    best_per_method: dict[str, RunRecord] = {}
+    for r in ranked:
+        best_per_method.setdefault(r.method, r)
+    return list(best_per_method.values())
 
 
 def layer_grid(records: Sequence[RunRecord], metric: str, depth: int) -> np.ndarray:

@@ -67,7 +67,7 @@ def log_summary(
     )
     try:
         columns, rows = table_rows(records)
-        payload: dict[str, object] = {TABLE_KEY: wandb.Table(columns=columns, data=rows)}
+        payload: dict[str, object] = {TABLE_KEY: wandb.Table(columns=list(columns), data=rows)}
         for section, items in figures.items():
             slug = section.lower().replace(" ", "_").replace("/", "_")
             for i, (caption, png) in enumerate(items):

@@ -66,7 +66,7 @@ def _generator(override: Override) -> Callable[[Any], list[list[str]]] | None:
 class CaapSweeper(BasicSweeper):
     """The basic sweeper, with the parameters of `GENERATED` (e.g. `layers=all_pairs`) expanded per job."""
 
-    def split_arguments(  # type: ignore[override]  (an instance method: expansion composes job configs)
+    def split_arguments(  # type: ignore[override]  # an instance method: expansion composes job configs
         self, overrides: list[Override], max_batch_size: int | None
     ) -> list[list[list[str]]]:
         """The jobs of the sweep in batches of at most `max_batch_size`, generated parameters expanded."""
@@ -91,7 +91,7 @@ class CaapSweeper(BasicSweeper):
             write_sweep_size(self.config.hydra.sweep.dir, sum(len(batch) for batch in self.overrides))
         return super().get_job_batch()
 
-    def _compose(self, job: list[str], what: str) -> Any:
+    def _compose(self, job: list[str], what: str | None) -> Any:
         """The composed config of one job (before its generated overrides)."""
         assert self.hydra_context is not None and self.config is not None
         try:
