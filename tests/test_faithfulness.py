@@ -452,10 +452,18 @@ def test_degenerate_maps_defined_and_warned(
             value = metric.compute()
         assert math.isfinite(float(value)), metric.name
         assert "2 of 4 maps are constant" in caplog.text and "1 of 4 maps have NaN" in caplog.text
+        # the warning says how a constant map is ranked, truthfully for this metric
+        pixel = isinstance(metric, PixelInsertion)
+        assert ("rounding of the bilinear upsampling" in caplog.text) == pixel
+        assert ("patches are ranked by position" in caplog.text) == (not pixel)
         assert "1 of 4 values undefined" in caplog.text
         _, _, vals = metric.per_sample()
         assert vals[:2].isfinite().all() and vals[2].isnan() and vals[3].isfinite()
         assert torch.isfinite(metric.curve()[1]).all()
+    # why: a constant 3.0 upsampled bilinearly is 3.0 only up to rounding, so its pixel order is not positional
+    up = F.interpolate(maps[1:2, None], size=(56, 56), mode="bilinear", align_corners=False)
+    assert up.unique().numel() > 1
+    assert "ranked by position" in PixelInsertion(upsample="nearest").constant_order
     # an all-zero map removes patches in reading order: the same curve as the map ranking by position
     by_position = -torch.arange(64.0).reshape(1, 8, 8)
     zero = faithfulness_curves(cls_model, images[:1], torch.zeros(1, 8, 8), classes[:1], "mif", "logit")
