@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -97,5 +98,7 @@ def ssim_per_map(a: Tensor, b: Tensor, size: tuple[int, int] | None = None) -> T
         x, y = F.interpolate(x, size=size, mode="nearest"), F.interpolate(y, size=size, mode="nearest")
     ok = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(y.flatten(1)).all(1)
     x, y = torch.nan_to_num(minmax_normalise(x)), torch.nan_to_num(minmax_normalise(y))
-    value = structural_similarity_index_measure(x, y, data_range=1.0, reduction="none").reshape(-1).double()
+    # a tuple only with return_full_image / return_contrast_sensitivity, which are off here
+    ssim = cast(Tensor, structural_similarity_index_measure(x, y, data_range=1.0, reduction="none"))
+    value = ssim.reshape(-1).double()
     return torch.where(ok, value, float("nan"))
