@@ -60,6 +60,7 @@ mutants: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks scripts

@@ -77,23 +77,26 @@ class AttributionDataModule(L.LightningDataModule):
     @property
     def dataset(self) -> Dataset:
         """The full dataset (built from the factory on first access)."""
-        if self._dataset is None:
-            source = self._dataset_or_factory
-            if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
-                self._dataset = source  # type: ignore[assignment]
-            elif callable(source):
-                self._dataset = source()
-            else:
-                raise TypeError(
-                    f"AttributionDataModule needs a map-style dataset or a zero-arg callable returning one; "
-                    f"got {type(source).__name__}"
-                )
-            if not (hasattr(self._dataset, "__getitem__") and hasattr(self._dataset, "__len__")):
-                raise TypeError(
-                    f"AttributionDataModule: the dataset factory returned {type(self._dataset).__name__}, "
-                    f"not a map-style dataset"
-                )
-        return self._dataset
+        if self._dataset is not None:
+            return self._dataset
+        dataset: Dataset
+        source = self._dataset_or_factory
+        if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            dataset = source  # type: ignore[assignment]
+        elif callable(source):
+            dataset = source()
+        else:
+            raise TypeError(
+                f"AttributionDataModule needs a map-style dataset or a zero-arg callable returning one; "
+                f"got {type(source).__name__}"
+            )
+        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise TypeError(
+                f"AttributionDataModule: the dataset factory returned {type(dataset).__name__}, "
+                f"not a map-style dataset"
+            )
+        self._dataset = dataset
+        return dataset
 
     @property
     def indices(self) -> list[int]:

@@ -160,7 +160,8 @@ class FashionScenes(Dataset):
         candidates = rng.random((TINT_CANDIDATES, 3), dtype=np.float32)
         gaps = np.linalg.norm(candidates[:, :, None] * shade - under[None], axis=1).mean(1)
         ok = np.flatnonzero(gaps >= self.min_contrast)
-        return tuple(float(x) for x in candidates[ok[0] if len(ok) else int(gaps.argmax())])
+        r, g, b = (float(x) for x in candidates[ok[0] if len(ok) else int(gaps.argmax())])
+        return r, g, b
 
     def scene(self, index: int) -> Scene:
         """Render scene `index`: a pure function of (seed, split, index)."""
@@ -189,7 +190,7 @@ class FashionScenes(Dataset):
         visible, kept, fraction = resolve_occlusion(silhouettes, self.min_visible)
         image = background.copy()
         scene = Scene(image, background, placements, patches, silhouettes, visible, kept, fraction, texture)
-        for slot in np.flatnonzero(kept):
+        for slot in np.flatnonzero(kept).tolist():
             rows, cols = scene.box(slot)
             np.copyto(image[:, rows, cols], patches[slot], where=silhouettes[slot, rows, cols])
         return scene
@@ -231,7 +232,7 @@ def resolve_occlusion(
     """
     k = len(silhouettes)
     area = np.maximum(silhouettes.reshape(k, -1).sum(1), 1)
-    kept = silhouettes.reshape(k, -1).any(1)
+    kept: np.ndarray = np.asarray(silhouettes.reshape(k, -1).any(1))  # [K] bool (asarray: for the type)
     fraction = np.zeros(k)
     while True:
         visible = np.zeros_like(silhouettes)

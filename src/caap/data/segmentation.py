@@ -82,13 +82,13 @@ class SegmentationDataset(Dataset):
                 "Skipping unreadable sample %s: %s: %s", self.describe(index), type(err).__name__, err
             )
             return None
-        pixels, seg = self.transform(image, seg)
+        pixels, resized = self.transform(image, seg)
         return {
             "image": pixels,
             "target": target,
             "index": index,
             "path": self.describe(index),
-            "segmentation": seg,
+            "segmentation": resized,
         }
 
 
