@@ -84,20 +84,20 @@ class AttributionModule(L.LightningModule):
         Pairs `(index, class)` found in `stored_maps` are read from there; the method runs on the others only.
         """
         if not self.stored_maps:  # not resuming: no host round-trip for the keys
-            return self.method(self.model, images, classes), torch.zeros(
+            return self.method(self.model, images, classes, index), torch.zeros(
                 len(classes), dtype=torch.bool, device=images.device
             )
         keys = list(zip(index.tolist(), classes.tolist(), strict=True))
         stored = torch.tensor([k in self.stored_maps for k in keys], dtype=torch.bool, device=images.device)
         if not stored.any():
-            return self.method(self.model, images, classes), stored
+            return self.method(self.model, images, classes, index), stored
         first = self.stored_maps[keys[int(stored.nonzero()[0])]]
         maps = torch.empty(len(keys), *first.shape, dtype=torch.float32, device=images.device)
         rows = stored.nonzero().flatten().tolist()
         maps[stored] = torch.stack([self.stored_maps[keys[r]] for r in rows]).to(maps.device)
         if not stored.all():
             todo = ~stored
-            maps[todo] = self.method(self.model, images[todo], classes[todo]).float()
+            maps[todo] = self.method(self.model, images[todo], classes[todo], index[todo]).float()
         return maps, stored
 
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:

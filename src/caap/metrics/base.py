@@ -123,13 +123,22 @@ class AttributionMetric(Metric):
         index, cls, order = self._dedup_order()
         return index, cls, _cat(self.values)[order]
 
+    def undefined_reasons(self) -> list[str]:
+        """Why values of this process were undefined (NaN), for `compute`'s one warning; default: none given."""
+        return []
+
     def compute(self) -> Tensor:
         _, _, values = self.per_sample()
         finite = torch.isfinite(values)
         undefined = int((~finite).sum())
         if undefined:
+            reasons = self.undefined_reasons()
             log.warning(
-                "%s: %d of %d values undefined (skipped in the mean)", self.name, undefined, values.numel()
+                "%s: %d of %d values undefined (skipped in the mean)%s",
+                self.name,
+                undefined,
+                values.numel(),
+                f": {'; '.join(reasons)}" if reasons else "",
             )
         if not finite.any():
             return torch.tensor(float("nan"), dtype=torch.float64)
