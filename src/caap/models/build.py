@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import timm
 import torch
@@ -124,10 +124,9 @@ def build_model(
         )
     text, scale = None, 100.0
     if head == "clip_zeroshot":  # the text tower first: a missing checkpoint fails before image weights load
-        zero_shot_names = list(class_names) if class_names is not None else list(imagenet_class_names())
-        class_names = zero_shot_names
+        class_names = list(class_names) if class_names is not None else list(imagenet_class_names())
         if pretrained:
-            text, scale = clip_text_embeddings(zero_shot_names, clip_model, clip_pretrained, prompts)
+            text, scale = clip_text_embeddings(class_names, clip_model, clip_pretrained, prompts)
     if pretrained and source is None:
         source = hub_weights(name)
     build_classes, replace_head = num_classes, False  # other heads replace the timm head, whatever its size
@@ -161,7 +160,7 @@ def build_model(
             )
         if text is None:  # random weights (explicitly asked for): random class embeddings, no text tower
             log.warning("model '%s': random weights, so random CLIP class embeddings", name)
-            text = torch.randn(len(zero_shot_names), proj.out_features)
+            text = torch.randn(len(class_names or ()), proj.out_features)
         if text.shape[1] != proj.out_features:
             raise ValueError(
                 f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "
@@ -232,9 +231,8 @@ def model_depth(model_cfg: Any) -> int:
     """
     from omegaconf import OmegaConf
 
-    node = cast(
-        dict[str, Any],
-        OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg,
+    node: Any = (
+        OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
     )
     name = node["name"]
     if not timm.is_model(name):  # accepts pretrained tags (`name.tag`)
@@ -246,5 +244,5 @@ def model_depth(model_cfg: Any) -> int:
     if node.get("dynamic_img_size"):
         extra["dynamic_img_size"] = True
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **extra)
-    return len(cast(torch.nn.Sequential, model.blocks))
+        model: Any = timm.create_model(name, pretrained=False, **extra)
+    return len(model.blocks)
