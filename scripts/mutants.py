@@ -330,6 +330,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "a resumed run recomputes every stored map instead of reading it back",
     ),
     Mutant(
+        "resume-recompute-stored-batches",
+        "src/caap/lit/module.py",
+        "if not stored.any():",
+        "if True:",
+        ("tests/test_resume.py",),
+        "a batch with stored maps is recomputed (but marked stored, so nothing is written twice)",
+    ),
+    Mutant(
         "resume-partial-batch-recomputed",
         "src/caap/lit/module.py",
         "maps[todo] = self.method(self.model, images[todo], classes[todo]).float()",

@@ -40,9 +40,14 @@ COMMON = [
 ]
 
 
+def keys_of(path: Path) -> list[tuple[int, int]]:
+    """The (index, class) keys of one map file."""
+    return [tuple(map(int, k.split("_"))) for k in load_file(str(path))]
+
+
 def keys_per_file(folder: Path) -> list[tuple[int, int]]:
     """Every (index, class) key of every map file, repeats included."""
-    return [tuple(map(int, k.split("_"))) for f in folder.glob("*.safetensors") for k in load_file(str(f))]
+    return [key for f in folder.glob("*.safetensors") for key in keys_of(f)]
 
 
 def assert_same_results(resumed: Path, whole: Path) -> None:
@@ -150,7 +155,7 @@ def test_resume_reads_stored_maps_back_and_computes_only_the_missing_pairs(compo
     for key, call, row in zip(missing, calls, rows, strict=True):
         torch.testing.assert_close(maps[key], FreshMapsEveryCall.expected(call, row, 4, 4), rtol=0, atol=0)
     # only the new maps are written, each once, in files of this continuation
-    new = {f.name: sorted(keys_per_file_of(f)) for f in (killed / "maps").glob("resume1_*")}
+    new = {f.name: sorted(keys_of(f)) for f in (killed / "maps").glob("resume1_*")}
     assert new == {
         "resume1_r0_b000001.safetensors": batches[1],
         "resume1_r0_b000002.safetensors": sorted(missing[7:]),
@@ -161,10 +166,6 @@ def test_resume_reads_stored_maps_back_and_computes_only_the_missing_pairs(compo
     for key in stored:
         assert got[key] == want[key], key
     assert json.loads((killed / "metrics.json").read_text())["resumed_maps"] == len(stored)
-
-
-def keys_per_file_of(path: Path) -> list[tuple[int, int]]:
-    return [tuple(map(int, k.split("_"))) for k in load_file(str(path))]
 
 
 def test_finished_run_is_skipped(compose_cfg, tmp_path, capsys) -> None:

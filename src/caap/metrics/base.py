@@ -41,6 +41,10 @@ class AttributionMetric(Metric):
     #: the attribution method a `requires_method` metric re-runs (an `AttributionMethod`; metrics do not
     #: import methods, so it is typed loosely)
     method: Any = None
+    # "cat" states: lists of per-update tensors, one tensor each after a DDP sync
+    values: list[Tensor]
+    sample_index: list[Tensor]
+    sample_class: list[Tensor]
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
