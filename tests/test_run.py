@@ -212,7 +212,7 @@ def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_ddp_sim_equals_one_process(compose_cfg, tmp_path) -> None:
+def test_ddp_sim_equals_one_process(compose_cfg, tmp_path, capfd) -> None:
     common = [
         "data=synthetic",
         "data.limit=9",
@@ -227,6 +227,11 @@ def test_ddp_sim_equals_one_process(compose_cfg, tmp_path) -> None:
     for name in single:
         assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name
     assert set(load_maps(tmp_path / "one" / "maps")) == set(load_maps(tmp_path / "two" / "maps"))
+    # the synced values go to the loggers once from rank zero: no Lightning "use sync_dist=True" warning
+    # (the spawned ranks write to the captured file descriptors)
+    assert "sync_dist" not in capfd.readouterr().err
+    logged = (tmp_path / "two" / "csv" / "metrics.csv").read_text()
+    assert all(f"test/{name}" in logged for name in single)
 
 
 def test_layer_index_out_of_range_fails_before_any_data(compose_cfg, tmp_path) -> None:

@@ -127,5 +127,9 @@ class AttributionModule(L.LightningModule):
             curve = metric.curve()  # a collective call: every rank makes it
             if curve is not None:
                 self.curves[name] = curve
-        if self.results:
-            self.log_dict({f"test/{k}": v for k, v in self.results.items()}, sync_dist=False)
+        if self.results and self.trainer.is_global_zero:
+            # the values are already global (torchmetrics gathered every rank): they go to the loggers once,
+            # from rank zero, not through `self.log`, whose epoch-level values under DDP must be reduced again
+            # (sync_dist) or draw Lightning's "recommended to use sync_dist=True" warning per key
+            for logger in self.loggers:
+                logger.log_metrics({f"test/{k}": v for k, v in self.results.items()}, step=self.global_step)
