@@ -15,6 +15,9 @@ from caap.paths import CONF_DIR
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# timm downloads missing pretrained weights when online: the suite never does (test_weights fakes the hub).
+# Set before huggingface_hub is imported: it reads the variable once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

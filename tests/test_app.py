@@ -36,6 +36,18 @@ def test_app_runs_and_prints_the_table(tmp_path: Path) -> None:
         "class_discrimination",
     }
     assert (out / ".hydra" / "config.yaml").exists() and (out / "caap.log").exists()
+    # no third-party noise, and the W&B path on one line (it is copied into `wandb sync`)
+    assert "LeafSpec" not in proc.stderr and "anonymous setting" not in proc.stderr, proc.stderr[-2000:]
+    wandb_dir = next((out / "wandb").glob("offline-run-*"))
+    assert f"W&B run (offline): {wandb_dir}  (upload: wandb sync {wandb_dir})\n" in proc.stdout
+
+
+def test_help_lists_the_option_groups_without_the_internal_schemas() -> None:
+    proc = run_app("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("Config groups", 1)[1].split("Composed config", 1)[0]
+    assert "method: attention_rollout, attnlrp, caap," in groups and "\nmodel: " in groups
+    assert "schema" not in groups and "hydra" not in groups
 
 
 def test_app_cfg_job_and_bad_override(tmp_path: Path) -> None:

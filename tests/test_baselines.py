@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,8 +22,10 @@ from caap.methods import (
     RawAttention,
     TokenSampling,
 )
+from caap.methods.lime import patch_kernel_similarity
 from caap.methods.rise import RiseMasks
-from caap.models.attention import capture_attention, set_fused_attn
+from caap.methods.surrogate import WeightedRidge
+from caap.models.attention import attention_readout, capture_attention, readout_rows, set_fused_attn
 from caap.models.build import build_model
 from caap.models.vit import ViTClassifier
 
@@ -99,10 +102,88 @@ def test_rise_centered_is_the_offset_free_form(models: dict[str, ViTClassifier])
     centered = RISE(num_masks=32, seed=1, centered=True)(model, images, target)
     masks = RiseMasks(32, 56, 56, 14, 0.5, 1).build(torch.arange(32), images.device)
     with torch.no_grad():
-        x = (images[:, None] * masks[None, :, None]).flatten(0, 1)
+        x = (
+            images[:, None] * masks[None, :, None] + (1 - masks[None, :, None]) * model.mean[:, None]
+        ).flatten(0, 1)
         scores = model.probabilities(model(x))[torch.arange(64), target.repeat_interleave(32)].reshape(2, 32)
     cover = torch.nn.functional.avg_pool2d(masks.sum(0)[None, None], 7)[0, 0] / (32 * 0.5)
     torch.testing.assert_close(plain - centered, scores.mean(1)[:, None, None] * cover, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked_value", ["mean", "black"])
+def test_rise_equals_the_official_formula(models: dict[str, ViTClassifier], masked_value: str) -> None:
+    """Official RISE (eclique/RISE `explanations.py`, `RISE.forward`): `stack = masks * x` on the
+    *normalised* tensor x, `sal = scores^T masks / N / p1`; so a masked pixel is the normalisation mean colour
+    (0.2 here, not black). `masked_value=black` multiplies in pixel space instead."""
+    model = models["cls"]
+    assert float(model.mean.min()) > 0  # the two options differ on this model
+    images, target = _batch()
+    n = 16
+    got = RISE(num_masks=n, seed=2, masked_value=masked_value)(model, images, target)
+    masks = RiseMasks(n, 56, 56, 14, 0.5, 2).build(torch.arange(n), images.device)  # [N, H, W]
+    want = []
+    with torch.no_grad():
+        for i in range(2):
+            if masked_value == "mean":  # the official code: timm's own forward on masks * normalised image
+                logits = model.model(masks[:, None] * model.normalize(images[i : i + 1]))
+            else:
+                logits = model(masks[:, None] * images[i : i + 1])
+            scores = model.probabilities(logits)[:, target[i]]  # [N]
+            sal = (scores @ masks.reshape(n, -1)).reshape(56, 56) / n / 0.5
+            want.append(torch.nn.functional.avg_pool2d(sal[None, None], 7)[0, 0])
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="masked_value"):
+        RISE(masked_value="grey")
+
+
+def test_lime_weights_are_original_limes_kernel(
+    models: dict[str, ViTClassifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The surrogate's sample weights are original LIME's (marcotcr/lime `lime_image`: cosine distance between
+    the binary patch vector z and the all-on vector, kernel `sqrt(exp(-d^2 / 0.25^2))`), written out here for
+    the 64 patches of the model: d = 1 - sqrt(|z| / 64), all-off d = 1."""
+    seen: list[tuple[Tensor, Tensor]] = []
+    fit = WeightedRidge.fit
+
+    def recording_fit(self: WeightedRidge, train_data: Any, **kwargs: Any) -> Any:
+        for batch in train_data:
+            seen.append((batch[0].reshape(batch[0].shape[0], -1), batch[2].reshape(-1)))
+        return fit(self, train_data, **kwargs)
+
+    monkeypatch.setattr(WeightedRidge, "fit", recording_fit)
+    images, target = _batch(1)
+    Lime(n_samples=40, perturbations_per_eval=40, seed=1)(models["cls"], images, target)
+    z = torch.cat([x for x, _ in seen]).double()
+    w = torch.cat([w for _, w in seen]).double()
+    assert z.shape == (40, 64) and set(z.unique().tolist()) <= {0.0, 1.0}
+    d = 1 - (z.sum(1) / 64).sqrt()
+    want = torch.sqrt(torch.exp(-(d**2) / 0.25**2))
+    torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-7)
+    assert float(w.min()) < 0.6  # a real weighting (pixel cosine with width 1 kept every weight above 0.6)
+    sim = patch_kernel_similarity(0.25)
+    assert float(sim(None, None, torch.zeros(1, 64))) == pytest.approx(math.exp(-8))  # all off: d = 1
+    assert float(sim(None, None, torch.ones(1, 64))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="distance"):
+        Lime(distance="euclidean")
+
+
+def test_distilled_deit_attention_reads_both_head_tokens() -> None:
+    """DeiT distilled averages the heads of the CLS and distillation tokens (rows 0 and 1), so raw attention,
+    rollout and GenAtt read the mean of those two rows (patch columns), not the CLS row alone."""
+    torch.manual_seed(0)
+    model = build_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=5, kwargs={"depth": 2})
+    assert model.num_prefix_tokens == 2 and readout_rows(model) == "cls+dist"
+    matrix = torch.rand(2, 6, 6)
+    torch.testing.assert_close(
+        attention_readout(model, matrix), 0.5 * (matrix[:, 0, 2:] + matrix[:, 1, 2:]), rtol=0, atol=0
+    )
+    images, target = torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    with torch.no_grad(), capture_attention(model) as attentions:
+        model(images)
+    last = attentions[-1].float().mean(1)  # [B, T, T], heads averaged
+    got = RawAttention(block=-1)(model, images, target).reshape(2, -1)
+    torch.testing.assert_close(got, 0.5 * (last[:, 0, 2:] + last[:, 1, 2:]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, last[:, 0, 2:])  # the CLS row alone is a different map
 
 
 def test_occlusion_equals_feature_ablation(models: dict[str, ViTClassifier]) -> None:

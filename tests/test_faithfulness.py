@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -72,11 +73,50 @@ def test_ratios_axis_and_counts() -> None:
     assert DEFAULT_RATIOS[0] == 0.1 and DEFAULT_RATIOS[-1] == 0.9 and len(DEFAULT_RATIOS) == 9
     assert removal_axis(None).tolist() == pytest.approx([0.0, *DEFAULT_RATIOS])
     assert check_ratios([0.0, 0.5, 1.0]).tolist() == [0.5, 1.0]  # a leading 0 is the unmasked end anyway
-    assert removal_counts(64, [0.1, 0.5, 0.9, 1.0]) == [6, 32, 58, 64]
-    assert removal_counts(10, [0.7]) == [7]  # 0.7 * 10 = 7.000000000000001
+    assert removal_counts(64, [0.1, 0.5, 0.9, 1.0], "mif") == [6, 32, 57, 64]
+    assert removal_counts(64, [0.1, 0.5, 0.9, 1.0], "lif") == [7, 32, 58, 64]
+    assert removal_counts(90, [0.7], "mif") == [63]  # exact floor; float int(0.7 * 90) is 62
+    assert removal_counts(10, [0.3], "lif") == [3]  # keeps floor(0.7 * 10) = 7, not float 1 - 0.3 noise
+    with pytest.raises(ValueError, match="order"):
+        removal_counts(64, None, "srg")
     for bad in ([], [0.5, 0.5], [0.2, 0.1], [1.5], [-0.1]):
         with pytest.raises(ValueError, match="ratios"):
             check_ratios(bad)
+
+
+# LibraGrad's official counts, written out from the official code (decompv `transform_mask_by_attributions`,
+# timm-fork `threshold_filter`: the mask of the top `int(q * N)` patches for q = 0.1, ..., 0.9). MIF at r is
+# `nratio r` (drops the top int(r N)); LIF at r is `topratio (1 - r)` (keeps the top int((1 - r) N)).
+# Columns: r = 0.1, ..., 0.9. Patches removed.
+OFFICIAL_REMOVED = {
+    (64, "mif"): [6, 12, 19, 25, 32, 38, 44, 51, 57],
+    (64, "lif"): [64 - k for k in (57, 51, 44, 38, 32, 25, 19, 12, 6)],
+    (196, "mif"): [19, 39, 58, 78, 98, 117, 137, 156, 176],
+    (196, "lif"): [196 - k for k in (176, 156, 137, 117, 98, 78, 58, 39, 19)],
+}
+
+
+@pytest.mark.parametrize(("n", "order"), list(OFFICIAL_REMOVED))
+def test_removal_counts_are_libragrad_official(n: int, order: str) -> None:
+    assert removal_counts(n, DEFAULT_RATIOS, order) == OFFICIAL_REMOVED[n, order]
+    assert removal_counts(n, None, order) == OFFICIAL_REMOVED[n, order]
+
+
+def test_curves_use_the_official_counts(cls_model: ViTClassifier) -> None:
+    """The MIF / LIF outcomes at each default ratio equal those of removing exactly the official number of
+    top / bottom patches by hand (r = 0.1: MIF drops 6, LIF drops 7 of 64)."""
+    images, maps, classes = _inputs(1, seed=5)
+    got = token_removal_outcomes(cls_model, images, maps, classes, None, ("mif", "lif"), "drop")
+    ranking = maps[0].flatten().sort(descending=True, stable=True).indices
+    npre = cls_model.num_prefix_tokens
+    with torch.no_grad():
+        r0 = cls_model.embed(images)
+        for order in ("mif", "lif"):
+            for s, c in enumerate(OFFICIAL_REMOVED[64, order]):
+                kept = ranking[c:] if order == "mif" else ranking[: 64 - c]
+                idx = list(range(npre)) + sorted(npre + int(j) for j in kept)
+                want = cls_model.head(cls_model.forward_blocks(r0[:, idx]))[0, classes[0]]
+                torch.testing.assert_close(got[order].logit[0, s], want, atol=2e-5, rtol=0)
 
 
 def test_score_curves_known_answers() -> None:
@@ -126,6 +166,12 @@ def test_pixel_ranks_and_steps_known_answers() -> None:
 
 
 # -- token removal: plain per-(pair, step) reference loops -----------------------------------------------
+def _official_removed(n: int, r: float, order: str) -> int:
+    """LibraGrad's count, written independently with decimals: MIF drops int(r n), LIF keeps int((1 - r) n)."""
+    q = Decimal(repr(r))
+    return int(q * n) if order == "mif" else n - int((1 - q) * n)
+
+
 def _plain_token_curve(
     model: ViTClassifier, images: Tensor, maps: Tensor, classes: Tensor, ratios: list[float], order: str
 ) -> Tensor:
@@ -139,7 +185,7 @@ def _plain_token_curve(
             r0 = model.embed(images[i : i + 1])
             ranking = sorted(range(n), key=lambda j: (-float(maps[i].flatten()[j]), j))
             for s, r in enumerate(ratios):
-                c = round(r * n)
+                c = _official_removed(n, r, order)
                 kept = ranking[c:] if order == "mif" else ranking[: n - c]
                 idx = list(range(npre)) + sorted(npre + j for j in kept)
                 if not kept and m.global_pool != "token" and not (npre and m.pool_include_prefix):
@@ -192,7 +238,7 @@ def test_token_replace_equals_plain_loop(cls_model: ViTClassifier) -> None:
             r0 = cls_model.embed(images)
             for i, (s, r), order in itertools.product(range(2), enumerate(ratios), ("mif", "lif")):
                 ranking = maps[i].flatten().sort(descending=True, stable=True).indices
-                c = round(r * 64)
+                c = _official_removed(64, r, order)
                 removed = ranking[:c] if order == "mif" else ranking[64 - c :]
                 seq = r0[i : i + 1].clone()
                 seq[0, 1 + removed] = base[i, 1 + removed]
@@ -223,8 +269,8 @@ def test_additive_model_known_answer() -> None:
     ranked = s.sort(descending=True).values
     ratios = [0.25, 0.5, 0.75, 1.0]
     # every patch removed: the empty set pools to the all-zero feature, so the logit is the bias
-    mif = [float(ranked.mean()) + b] + [float(ranked[round(r * 64) :].mean()) + b for r in ratios[:-1]] + [b]
-    lif = [float(ranked.mean()) + b] + [float(ranked[: 64 - round(r * 64)].mean()) + b for r in ratios[:-1]]
+    mif = [float(ranked.mean()) + b] + [float(ranked[int(r * 64) :].mean()) + b for r in ratios[:-1]] + [b]
+    lif = [float(ranked.mean()) + b] + [float(ranked[: int((1 - r) * 64)].mean()) + b for r in ratios[:-1]]
     lif.append(b)
     maps = s.float().reshape(1, 8, 8)
     cls = torch.tensor([c])
@@ -335,7 +381,7 @@ def _count_rows(model: ViTClassifier) -> tuple[list[int], torch.utils.hooks.Remo
 
 def test_metrics_share_forward_passes(cls_model: ViTClassifier) -> None:
     images, maps, classes = _inputs(4, seed=8)
-    ratios = [0.2, 0.4, 0.6]
+    ratios = [0.25, 0.5, 0.75]  # r * 64 whole: MIF and LIF keep the same number of patches, so share a length
     metrics = [cls(score=s, ratios=ratios) for cls in (MIF, LIF, SRG) for s in ("prob", "aopc", "top1")]
     batch = _batch(images, maps, classes)
     seen, handle = _count_rows(cls_model)
@@ -406,10 +452,18 @@ def test_degenerate_maps_defined_and_warned(
             value = metric.compute()
         assert math.isfinite(float(value)), metric.name
         assert "2 of 4 maps are constant" in caplog.text and "1 of 4 maps have NaN" in caplog.text
+        # the warning says how a constant map is ranked, truthfully for this metric
+        pixel = isinstance(metric, PixelInsertion)
+        assert ("rounding of the bilinear upsampling" in caplog.text) == pixel
+        assert ("patches are ranked by position" in caplog.text) == (not pixel)
         assert "1 of 4 values undefined" in caplog.text
         _, _, vals = metric.per_sample()
         assert vals[:2].isfinite().all() and vals[2].isnan() and vals[3].isfinite()
         assert torch.isfinite(metric.curve()[1]).all()
+    # why: a constant 3.0 upsampled bilinearly is 3.0 only up to rounding, so its pixel order is not positional
+    up = F.interpolate(maps[1:2, None], size=(56, 56), mode="bilinear", align_corners=False)
+    assert up.unique().numel() > 1
+    assert "ranked by position" in PixelInsertion(upsample="nearest").constant_order
     # an all-zero map removes patches in reading order: the same curve as the map ranking by position
     by_position = -torch.arange(64.0).reshape(1, 8, 8)
     zero = faithfulness_curves(cls_model, images[:1], torch.zeros(1, 8, 8), classes[:1], "mif", "logit")

@@ -28,6 +28,7 @@ from caap.metrics.functional import (
     bounding_boxes,
     class_discrimination,
     energy_pointing_game,
+    grid_pointing_game,
     gur_average_precision,
     mean_iou,
     pixel_accuracy,
@@ -436,3 +437,56 @@ def test_metrics_need_masks() -> None:
         SegmentationAP(interpolation="cubic")
     with pytest.raises(ValueError, match="mask must be"):
         EnergyPointingGame(mask="box")
+
+
+def test_minus_inf_entry_gives_nan() -> None:
+    """A `-inf` entry is non-finite: GridPG, energy PG and class discrimination are NaN (the positive part would
+    clamp it to 0 and hide it)."""
+    batch = _fg_batch([0, 2], seed=4)
+    maps = batch.maps.clone()
+    maps[0, 3, 3] = -float("inf")
+    cells = batch.cell_masks[range(2), batch.classes]
+    assert grid_pointing_game(maps, cells)[0].isnan() and grid_pointing_game(maps, cells)[1].isfinite()
+    energy = energy_pointing_game(maps, batch.item_masks[range(2), batch.classes])
+    assert energy[0].isnan() and energy[1].isfinite()
+    discrimination = class_discrimination(maps, batch.cell_masks, batch.classes)
+    assert discrimination[0].isnan() and discrimination[1].isfinite()
+
+
+@pytest.mark.parametrize("make", [EnergyPointingGame, ClassDiscrimination])
+def test_constant_positive_map_is_defined_and_said_so(make: type[AttributionMetric], caplog) -> None:
+    """A positive constant spreads its energy evenly: the value is the region's pixel share, and the warning
+    says so; only a zero / negative map is reported as having no positive attribution."""
+    batch = _fg_batch([0, 2], seed=5)
+    batch.maps[0] = 0.7
+    batch.maps[1] = 0.0
+    metric = make()
+    with caplog.at_level(logging.WARNING):
+        metric.update(batch)
+        metric.compute()
+    values = metric.per_sample()[2]
+    if make is EnergyPointingGame:
+        box = bounding_boxes(batch.item_masks[[0], batch.classes[[0]]])
+        share = box.double().mean()
+    else:
+        share = torch.tensor(0.25, dtype=torch.float64)  # the other class's 28x28 cell of a 56x56 image
+    torch.testing.assert_close(values[0], share)
+    assert values[1].isnan()
+    assert "1 of 2 maps in this batch: constant map (positive constant: value =" in caplog.text
+    assert "1 of 2 values undefined (skipped in the mean): no positive attribution" in caplog.text
+    assert caplog.text.count("no positive attribution") == 1
+
+
+def test_undefined_reasons_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Class discrimination on single-class images: one warning for the run (at compute, with the reason and
+    the run's count), not one per batch plus one at compute."""
+    metric = ClassDiscrimination()
+    with caplog.at_level(logging.WARNING):
+        metric.update(_fg_batch([0, 1], seed=2))
+        metric.update(_fg_batch([2, 3], seed=3))
+        metric.compute()
+    records = [r for r in caplog.records if "single class" in r.getMessage()]
+    assert len(records) == 1
+    assert (
+        "2 of 4 values undefined (skipped in the mean): image holds a single class" in records[0].getMessage()
+    )

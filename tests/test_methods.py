@@ -6,6 +6,7 @@ import pytest
 import torch
 from captum.attr import InputXGradient as CaptumInputXGradient
 
+from caap.lit.module import AttributionModule
 from caap.methods import InputXGradient, RandomAttribution
 from caap.models import FASHIONGRID_MODEL, build_model
 
@@ -23,6 +24,36 @@ def test_random_is_seeded_and_shaped(model) -> None:
     c = RandomAttribution(seed=4)(model, images, target)
     assert a.shape == (4, 8, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_random_maps_are_a_function_of_seed_index_and_class(model) -> None:
+    """Batching, order (DDP shards, resume) and the image content do not move a map; index and class do."""
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 56, 56)
+    index, target = torch.tensor([4, 9, 2, 7, 0, 5]), torch.tensor([1, 1, 3, 0, 2, 1])
+    whole = RandomAttribution(seed=3)(model, images, target, index)
+    method = RandomAttribution(seed=3)
+    order = [5, 2, 0, 4, 1, 3]  # reversed-ish order, batches of 1, 2 and 3
+    parts = {}
+    for rows in ([5], [2, 0], [4, 1, 3]):
+        for row, m in zip(rows, method(model, images[rows], target[rows], index[rows]), strict=True):
+            parts[row] = m
+    assert sorted(parts) == sorted(order)
+    assert torch.equal(torch.stack([parts[r] for r in range(6)]), whole)
+    # identical images at different indices, or the same index with another class: independent draws
+    same = RandomAttribution(seed=3)(model, images[:1].expand(2, -1, -1, -1), target[:2], index[:2])
+    assert not torch.equal(same[0], same[1])
+    other_class = RandomAttribution(seed=3)(model, images[:1], target[:1] + 1, index[:1])
+    assert not torch.equal(other_class[0], whole[0])
+    # the image content is not read: other pixels at the same (index, class) give the same map
+    assert torch.equal(RandomAttribution(seed=3)(model, torch.zeros_like(images), target, index), whole)
+    # without indices, a running count stands for them: the batch sizes of a call sequence do not matter
+    running = RandomAttribution(seed=3)
+    split = torch.cat([running(model, images[:2], target[:2]), running(model, images[2:], target[2:])])
+    assert torch.equal(split, RandomAttribution(seed=3)(model, images, target, torch.arange(6)))
+    # the run's loop hands each map's dataset index over
+    module = AttributionModule(model, RandomAttribution(seed=3), {})
+    assert torch.equal(module.compute_maps(images[3:], target[3:], index[3:])[0], whole[3:])
 
 
 class _FromEmbeddings(torch.nn.Module):

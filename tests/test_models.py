@@ -88,6 +88,7 @@ def test_shipped_weights_and_model_card() -> None:
     card = json.loads(FASHIONGRID_CARD.read_text())
     assert card["test_mAP"] >= 0.90 and len(card["test_AP_per_class"]) == 10
     assert {"config", "epochs", "seed"} <= card.keys()
+    assert "output_dir" not in card["config"] and '"/' not in FASHIONGRID_CARD.read_text()  # no machine path
 
     model = build_model(FASHIONGRID_MODEL, pretrained=True, multilabel=True)
     data = FashionGrid(split="test", size=300, seed=123)

@@ -40,6 +40,7 @@ def check_card(card: dict, out: Path, name: str) -> dict[str, torch.Tensor]:
     assert card["train_seconds"] > 0 and card["train_images_per_second"] > 0
     assert card["command"].startswith("python -m caap.train") and card["device"]
     assert card["config"]["train_size"] == 64 and card["test_images"] == 48
+    assert "output_dir" not in card["config"] and str(out) not in json.dumps(card)  # no path of this machine
     assert not (ASSETS / f"{name}.json").exists() or name == "vit_fashiongrid_patch7_56"
     return load_file(out / f"{name}.safetensors")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
@@ -9,6 +11,14 @@ from caap.config import register_schemas
 from caap.paths import CONF_DIR
 
 register_schemas()
+# Lightning 2.6's own pytree helper still builds torch's deprecated LeafSpec on every batch; the warning is
+# about Lightning's code, not caap's or the user's (DDP workers re-run this module and get the filter too).
+warnings.filterwarnings(
+    "ignore",
+    message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    category=FutureWarning,
+    module=r"lightning\.pytorch\.utilities\._pytree",
+)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

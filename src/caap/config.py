@@ -91,12 +91,23 @@ def _resume_or(resume: str | None, default: str) -> str:
     return str(resume) if resume not in (None, "") else default
 
 
+def option_groups() -> str:
+    """`group: option, ...` lines of the YAML option groups of conf/ (Hydra's `hydra/` groups left out), for
+    `--help` (conf/hydra/help): Hydra's own listing would also show the internal `schema` group."""
+    from caap.paths import CONF_DIR
+
+    groups = sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    return "\n".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
+
+
 def register_schemas() -> None:
     """Store the schemas under the `schema` group, which the YAML options extend; register caap's resolvers."""
     if not OmegaConf.has_resolver("caap.suffix"):
         OmegaConf.register_new_resolver("caap.suffix", _suffix)
     if not OmegaConf.has_resolver("caap.resume_or"):
         OmegaConf.register_new_resolver("caap.resume_or", _resume_or)
+    if not OmegaConf.has_resolver("caap.option_groups"):
+        OmegaConf.register_new_resolver("caap.option_groups", option_groups)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="model", node=ModelConfig)
     cs.store(group="schema", name="layers", node=LayersConfig)

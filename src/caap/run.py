@@ -60,7 +60,7 @@ def build_metrics(
 ) -> dict[str, AttributionMetric]:
     """Instantiate the metric group; a metric that needs masks the data lacks, or that cannot score the model
     (e.g. token dropping on a model that cannot lose tokens), fails here, before any map."""
-    metrics: dict[str, AttributionMetric] = {name: instantiate(node) for name, node in cfg.items()}
+    metrics: dict[str, AttributionMetric] = {str(name): instantiate(node) for name, node in cfg.items()}
     needs_masks = [name for name, m in metrics.items() if m.requires_masks]
     if needs_masks and datamodule.indices:
         sample = datamodule.dataset[datamodule.indices[0]]
@@ -136,10 +136,12 @@ def print_summary(
         better = "higher" if higher_is_better(name, metrics) else "lower"
         table.add_row(name, f"{value:.4f}", better)
     console.print(table)
-    console.print(f"outputs: {facts['output_dir']}")
+    # soft_wrap: paths stay on one line (rich would fold them at the terminal width), so they can be copied
+    console.print(f"outputs: {facts['output_dir']}", soft_wrap=True)
     if facts.get("wandb_dir"):
         console.print(
-            f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})"
+            f"W&B run ({facts['wandb_mode']}): {facts['wandb_dir']}  (upload: wandb sync {facts['wandb_dir']})",
+            soft_wrap=True,
         )
 
 

@@ -151,7 +151,7 @@ def train(cfg: DictConfig) -> dict:
         "train_images_per_second": round(cfg.epochs * cfg.train_size / train_seconds, 2),
         "device": device_description(trainer),
         "command": " ".join(["python -m caap.train", *sys.argv[1:]]),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": card_config(cfg),
         "architecture": {"timm_model": cfg.model.name, **(kwargs or {})},
     }
     save_file(weights, out / f"{name}.safetensors", metadata={"format": "pt"})
@@ -162,6 +162,16 @@ def train(cfg: DictConfig) -> dict:
         log.info("exported weights to %s", ASSETS / f"{name}.safetensors")
     log.info("test mAP %.4f per class %s", card["test_mAP"], card["test_AP_per_class"])
     return card
+
+
+MACHINE_KEYS = ("output_dir", "data_root")  # where this machine wrote and read: not part of the recipe
+
+
+def card_config(cfg: DictConfig) -> dict[str, Any]:
+    """The training config for the model card, without the paths of the machine that trained it."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    return {str(k): v for k, v in config.items() if k not in MACHINE_KEYS}
 
 
 def measure_map(

@@ -111,7 +111,7 @@ class RunOutputs(L.Callback):
         if self.num_maps is None or trainer.global_rank != 0:
             return
         assert isinstance(pl_module, AttributionModule)
-        facts, metrics = pl_module.run.facts, dict(pl_module.metrics.items())
+        facts, metrics = pl_module.run.facts, pl_module.scored_metrics
         seconds = time.perf_counter() - pl_module.run.started
         payload: dict[str, Any] = {
             "metrics": pl_module.results,
@@ -210,7 +210,7 @@ class WandbMedia(L.Callback):
             payload["maps"] = [wandb.Image(pic, caption=cap) for pic, cap in self.panels]
         rows = per_sample_rows(pl_module, pl_module.run.class_names)
         if rows:
-            columns = list(dict.fromkeys(k for row in rows for k in row))
+            columns: list[Any] = list(dict.fromkeys(k for row in rows for k in row))
             payload["per_image"] = wandb.Table(
                 columns=list(columns), data=[[r.get(c) for c in columns] for r in rows]
             )

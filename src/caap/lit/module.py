@@ -73,26 +73,31 @@ class AttributionModule(L.LightningModule):
             if metric.requires_method and metric.method is None:
                 metric.method = method
 
+    @property
+    def scored_metrics(self) -> dict[str, AttributionMetric]:
+        """The metrics by name (`self.metrics` is their `nn.ModuleDict`, so that they follow the device)."""
+        return {name: metric for name, metric in self.metrics.items()}  # type: ignore[misc]
+
     def compute_maps(self, images: Tensor, classes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """Maps `[P, gh, gw]` of `images [P, 3, H, W]` for `classes [P]`, and which were stored `[P]` (bool).
 
         Pairs `(index, class)` found in `stored_maps` are read from there; the method runs on the others only.
         """
         if not self.stored_maps:  # not resuming: no host round-trip for the keys
-            return self.method(self.model, images, classes), torch.zeros(
+            return self.method(self.model, images, classes, index), torch.zeros(
                 len(classes), dtype=torch.bool, device=images.device
             )
         keys = list(zip(index.tolist(), classes.tolist(), strict=True))
         stored = torch.tensor([k in self.stored_maps for k in keys], dtype=torch.bool, device=images.device)
         if not stored.any():
-            return self.method(self.model, images, classes), stored
+            return self.method(self.model, images, classes, index), stored
         first = self.stored_maps[keys[int(stored.nonzero()[0])]]
         maps = torch.empty(len(keys), *first.shape, dtype=torch.float32, device=images.device)
         rows = stored.nonzero().flatten().tolist()
         maps[stored] = torch.stack([self.stored_maps[keys[r]] for r in rows]).to(maps.device)
         if not stored.all():
             todo = ~stored
-            maps[todo] = self.method(self.model, images[todo], classes[todo]).float()
+            maps[todo] = self.method(self.model, images[todo], classes[todo], index[todo]).float()
         return maps, stored
 
     def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> dict[str, Any] | None:
@@ -105,18 +110,18 @@ class AttributionModule(L.LightningModule):
         maps, stored = self.compute_maps(batch["image"][rows], classes, index)
         attribution = AttributionBatch.from_data(batch, rows, classes, maps)
         with torch.no_grad():
-            for metric in self.metrics.values():
+            for metric in self.scored_metrics.values():
                 metric.update(attribution, self.model)
         self.num_maps += len(attribution)
         return {"batch": attribution, "stored": stored}
 
     def on_test_epoch_end(self) -> None:
-        for name, metric in self.metrics.items():
+        for name, metric in self.scored_metrics.items():
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
-                for key, value in metric.extra_per_sample().items():
-                    self.per_sample[f"{name}/{key}"] = value
+                for key, samples in metric.extra_per_sample().items():
+                    self.per_sample[f"{name}/{key}"] = samples
                 for key, value in metric.extra_results().items():
                     self.results[f"{name}/{key}"] = float(value)
             curve = metric.curve()  # a collective call: every rank makes it

@@ -27,6 +27,9 @@ class AttributionMethod(ABC):
     """
 
     requires_grad: bool = False
+    uses_index: bool = False
+    """Whether `attribute` takes `index=` (`[B]` long, each map's dataset index): for maps that are a function
+    of the sample's identity (the random baseline), so that batching, DDP and resume do not change them."""
     name: str = "method"
 
     def setup(self, model: ViTClassifier) -> None:  # noqa: B027  (optional capability)
@@ -65,15 +68,26 @@ class AttributionMethod(ABC):
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
         """Maps `[B, gh, gw]` for pixel-space images `[B, 3, H, W]` in [0, 1] and target classes `[B]` (long)."""
 
-    def __call__(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
+    def __call__(
+        self, model: ViTClassifier, images: Tensor, target: Tensor, index: Tensor | None = None
+    ) -> Tensor:
+        """Checked maps `[B, gh, gw]`; `index` `[B]` (optional): each map's dataset index, handed to methods
+        that declare `uses_index`, ignored by the others."""
         if images.ndim != 4 or target.shape != (images.shape[0],):
             raise ValueError(
                 f"{self.name}: expected images [B,3,H,W] and target [B]; "
                 f"got {tuple(images.shape)}, {tuple(target.shape)}"
             )
+        if index is not None and index.shape != target.shape:
+            raise ValueError(
+                f"{self.name}: index has shape {tuple(index.shape)}, expected {tuple(target.shape)}"
+            )
         grad_mode = torch.enable_grad() if self.requires_grad else torch.no_grad()
         with grad_mode:
-            maps = self.attribute(model, images, target.long())
+            if self.uses_index:
+                maps = self.attribute(model, images, target.long(), index=index)  # type: ignore[call-arg]
+            else:
+                maps = self.attribute(model, images, target.long())
         gh, gw = model.grid_size(images)
         if maps.shape != (images.shape[0], gh, gw):
             raise RuntimeError(

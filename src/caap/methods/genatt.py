@@ -1,11 +1,11 @@
 """GenAtt (Chefer et al., ICCV 2021, "Generic attention-model explainability"): gradient-weighted rollout.
 
 Per block, `Abar = mean_heads ReLU(A * dS/dA)` with A the attention probabilities; relevance
-`R = prod_l (0.5 I + 0.5 Abar_l)` (in block order, R <- (0.5 I + 0.5 Abar) R); the map is the row of the pooled
-token: the CLS row for token pooling, the mean of the patch rows for average pooling (timm pools patch tokens),
-restricted to the patch columns. `0.5 (I + Abar)` is Chefer's `I + Abar` update scaled by 1/2 per block, i.e.
-the same map times 0.5^L. Attention matrices are needed, so fused attention is switched off inside the method
-only (restored after, even on errors). `libragrad` and `score` as in the gradient family: under LibraGrad,
+`R = prod_l (0.5 I + 0.5 Abar_l)` (in block order, R <- (0.5 I + 0.5 Abar) R); the map reads the rows the head
+reads (`attention_readout`: the CLS row, the mean of the CLS and distillation rows for DeiT distilled, the mean
+of the patch rows for average pooling), restricted to the patch columns. `0.5 (I + Abar)` is Chefer's
+`I + Abar` update scaled by 1/2 per block, i.e. the same map times 0.5^L. Attention matrices are needed, so
+fused attention is switched off inside the method only (restored after, even on errors). `libragrad` and `score` as in the gradient family: under LibraGrad,
 dS/dA is taken through the rewired backward (A itself is a constant there).
 """
 

@@ -3,9 +3,11 @@
 `num_masks` random binary grids of `s x s` cells (each cell kept with probability `p`) are upsampled
 bilinearly to `(s + 1) * cell` pixels and cropped at a random shift in `[0, cell)` on each axis, which gives
 smooth masks `M_m` in [0, 1] at image size; the cell is `cell_size` patches (2 patches of 16 px on a 224 px
-ViT-B/16 gives the paper's s = 7). The images are multiplied by the masks (masked pixels go to 0, black in
-pixel space) and the saliency is `sum_m score_m * M_m / (num_masks * p)`, with `score_m` the target
+ViT-B/16 gives the paper's s = 7). The images are multiplied by the masks and the saliency is `sum_m score_m * M_m / (num_masks * p)`, with `score_m` the target
 probability (or logit) of the masked image. The pixel saliency is averaged over each patch's pixels.
+Masked pixels take `masked_value`: `mean` (default, the official code: `RISE.forward` in eclique/RISE
+`explanations.py` multiplies the masks into the normalised tensor, so a masked pixel becomes the
+normalisation mean colour, `M x + (1 - M) mean` in pixel space) or `black` (`M x` in pixel space).
 The paper's saliency carries a constant offset (about the mean score) that ranking metrics ignore but
 positive-mass metrics (the grid pointing game) do not: `centered=true` subtracts the mean score of the
 image's masked copies from every `score_m` (the covariance of score and mask, divided by p), an option of
@@ -30,6 +32,9 @@ from caap.methods.option_checks import check_positive_int, check_probability
 from caap.methods.patches import pool_to_patches
 from caap.models.vit import ViTClassifier
 from caap.scores import PROB_OR_LOGIT, check_score, target_score
+
+MASKED_VALUES: tuple[str, ...] = ("mean", "black")
+"""What masked pixels become: the model's normalisation mean colour (official RISE) or black."""
 
 
 class RiseMasks:
@@ -72,7 +77,13 @@ class RISE(AttributionMethod):
         batch_size: int = 256,
         seed: int = 0,
         centered: bool = False,
+        masked_value: str = "mean",
     ) -> None:
+        if masked_value not in MASKED_VALUES:
+            raise ValueError(
+                f"method.masked_value={masked_value!r} is not supported; allowed: {list(MASKED_VALUES)}"
+            )
+        self.masked_value = masked_value
         if not isinstance(centered, bool):
             raise ValueError(f"method.centered={centered!r} must be true or false")
         self.centered = centered
@@ -91,10 +102,13 @@ class RISE(AttributionMethod):
         coverage = images.new_zeros(h, w, dtype=torch.float32)  # sum of the masks
         score_sum = images.new_zeros(b, dtype=torch.float32)
         per_chunk = max(1, self.batch_size // b)
+        fill = model.mean.to(images) * (self.masked_value == "mean")  # [1, 3, 1, 1] what masked pixels become
         for s in range(0, self.num_masks, per_chunk):
             idx = torch.arange(s, min(s + per_chunk, self.num_masks))
             m = masks.build(idx, images.device).to(images.dtype)  # [n, H, W]
-            x = (images[:, None] * m[None, :, None]).flatten(0, 1)  # [B*n, 3, H, W], image-major
+            keep = m[None, :, None]  # [1, n, 1, H, W]
+            x = images[:, None] * keep + (1 - keep) * fill[:, None]  # [B, n, 3, H, W]
+            x = x.flatten(0, 1)  # [B*n, 3, H, W], image-major
             logits = model(x).float()
             scores = target_score(logits, target.repeat_interleave(idx.numel()), self.score, model.multilabel)
             saliency += torch.einsum("bn,nhw->bhw", scores.reshape(b, -1), m.float())

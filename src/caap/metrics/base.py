@@ -41,6 +41,10 @@ class AttributionMetric(Metric):
     #: the attribution method a `requires_method` metric re-runs (an `AttributionMethod`; metrics do not
     #: import methods, so it is typed loosely)
     method: Any = None
+    # "cat" states: lists of per-update tensors, one tensor each after a DDP sync
+    values: list[Tensor]
+    sample_index: list[Tensor]
+    sample_class: list[Tensor]
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -119,13 +123,22 @@ class AttributionMetric(Metric):
         index, cls, order = self._dedup_order()
         return index, cls, _cat(self.values)[order]
 
+    def undefined_reasons(self) -> list[str]:
+        """Why values of this process were undefined (NaN), for `compute`'s one warning; default: none given."""
+        return []
+
     def compute(self) -> Tensor:
         _, _, values = self.per_sample()
         finite = torch.isfinite(values)
         undefined = int((~finite).sum())
         if undefined:
+            reasons = self.undefined_reasons()
             log.warning(
-                "%s: %d of %d values undefined (skipped in the mean)", self.name, undefined, values.numel()
+                "%s: %d of %d values undefined (skipped in the mean)%s",
+                self.name,
+                undefined,
+                values.numel(),
+                f": {'; '.join(reasons)}" if reasons else "",
             )
         if not finite.any():
             return torch.tensor(float("nan"), dtype=torch.float64)

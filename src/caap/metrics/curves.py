@@ -81,8 +81,11 @@ def setting_key(value: Any) -> Hashable:
     return value
 
 
-def warn_degenerate_maps(name: str, maps: Tensor) -> None:
-    """Log how many maps `[P, ...]` are constant (ranked by position) or non-finite (undefined)."""
+CONSTANT_TOKEN_ORDER = "their patches are ranked by position, not by attribution"
+
+
+def warn_degenerate_maps(name: str, maps: Tensor, constant_order: str = CONSTANT_TOKEN_ORDER) -> None:
+    """Log how many maps `[P, ...]` are constant (`constant_order` says how they are ranked) or non-finite."""
     flat = maps.detach().reshape(maps.shape[0], -1)
     if flat.numel() == 0:
         return
@@ -90,10 +93,11 @@ def warn_degenerate_maps(name: str, maps: Tensor) -> None:
     constant = finite & (flat.amax(1) == flat.amin(1))
     if constant.any():
         log.warning(
-            "%s: %d of %d maps are constant (e.g. all zero); their order is by position, not by attribution",
+            "%s: %d of %d maps are constant (e.g. all zero); %s",
             name,
             int(constant.sum()),
             flat.shape[0],
+            constant_order,
         )
     if (~finite).any():
         log.warning(
@@ -107,11 +111,13 @@ def warn_degenerate_maps(name: str, maps: Tensor) -> None:
 class CurveMetric(AttributionMetric):
     """Area under a per-pair curve `[P, S]` over `axis()`; also the mean curve (`curve`) and the per-pair curves.
 
-    Maps that are constant (all-zero included) still give a defined curve (ties are ranked by position), with a
-    logged warning; maps with a non-finite entry give a NaN curve, skipped and counted by `compute`.
+    Maps that are constant (all-zero included) still give a defined curve (ranked as `constant_order` says), with
+    a logged warning; maps with a non-finite entry give a NaN curve, skipped and counted by `compute`.
     """
 
     requires_model = True
+    constant_order: str = CONSTANT_TOKEN_ORDER
+    """How a constant map is ranked, for the warning (true for this metric's ranking)."""
 
     def __init__(self, name: str | None = None, **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
@@ -159,9 +165,10 @@ class CurveMetric(AttributionMetric):
     def update(self, batch: AttributionBatch, model: torch.nn.Module | None = None) -> Tensor:  # type: ignore[override]
         """Store the per-pair area `[P]` (returned) and curves `[P, S]` of this batch."""
         memo = SHARED.entry(batch)
-        if "maps-checked" not in memo:  # one warning per batch, not one per curve metric
-            memo["maps-checked"] = True
-            warn_degenerate_maps(self.name, batch.maps)
+        checked = ("maps-checked", self.constant_order)
+        if checked not in memo:  # one warning per batch and kind of order, not one per curve metric
+            memo[checked] = True
+            warn_degenerate_maps(self.name, batch.maps, self.constant_order)
         curves = self.curves_of(batch, model).detach().double()
         values = self._append(self.auc(curves), batch)
         self.curves.append(curves.to(values.device))

@@ -5,10 +5,11 @@ All need ground-truth masks (`requires_masks`): per-class cell / item masks (Fas
 `segmentation` map (real segmentation datasets; `AttributionBatch.target_masks('item')` derives the target's
 mask from it, and IGNORE pixels are left out through `valid_pixels`). None runs the model.
 
-Bad inputs get a defined value and a logged warning: a map with a NaN / inf entry, a map with no positive
-value, an empty target mask (the target class is absent from the image) or an image with a single class (class
-discrimination) give NaN, which `compute` skips and counts; a constant map (all zeros included) gets the
-value its protocol defines (e.g. an all-background segmentation) and a warning.
+Bad inputs get a defined value: a map with a NaN / inf entry (`-inf` included), a map with no positive value
+(positive-mass metrics), an empty target mask (the target class is absent from the image) or an image with a
+single class (class discrimination) give NaN, which `compute` skips, counts and reports in one warning with
+the reasons; a constant map gets the value its protocol defines (e.g. an all-background segmentation, or the
+region's pixel share for a positive constant under the energy pointing game) and a warning at its first batch.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class _MaskMetric(AttributionMetric):
             raise ValueError(f"{self.name}: mask must be one of {list(MASK_KINDS)}, got '{mask}'")
         self.mask = mask
         self._warned: set[str] = set()
+        self._undefined: dict[str, None] = {}  # reasons of NaN values, in order of first occurrence
 
     def _masks(self, batch: AttributionBatch, kind: str | None = None) -> Tensor:
         kind = kind or self.mask
@@ -69,20 +71,39 @@ class _MaskMetric(AttributionMetric):
             self._warned.add(reason)
             log.warning("%s: %d of %d maps in this batch: %s", self.name, count, total, reason)
 
+    def _note_undefined(self, reason: str, count: int) -> None:
+        """Remember that `count` maps got NaN for `reason`; `compute` logs the reasons with its one warning."""
+        if count:
+            self._undefined.setdefault(reason)
+
+    def undefined_reasons(self) -> list[str]:
+        return list(self._undefined)
+
     def _check_inputs(self, batch: AttributionBatch, masks: Tensor) -> None:
         flat = batch.maps.flatten(1)
         p = flat.shape[0]
         finite = torch.isfinite(flat).all(1)
-        self._warn("map with a NaN / inf entry (value NaN, skipped)", int((~finite).sum()), p)
+        self._note_undefined("map with a NaN / inf entry", int((~finite).sum()))
         constant = finite & (flat.amax(1) == flat.amin(1))
+        if self.positive_mass:  # a zero / negative constant is reported as "no positive attribution"
+            constant &= flat.amax(1) > 0
         self._warn(f"constant map ({self.constant_result})", int(constant.sum()), p)
         empty = ~masks.flatten(1).any(1)
-        self._warn(
-            f"empty target mask: the target class is absent ({self.empty_result})", int(empty.sum()), p
-        )
+        reason = f"empty target mask: the target class is absent ({self.empty_result})"
+        if self.empty_undefined:
+            self._note_undefined(reason, int(empty.sum()))
+        else:
+            self._warn(reason, int(empty.sum()), p)
 
-    constant_result = "no positive attribution: value NaN, skipped"
-    empty_result = "value NaN, skipped"
+    constant_result = "value NaN, skipped"
+    empty_result = "value NaN"
+    empty_undefined = True  # an empty mask gives NaN (reported by `compute`)
+    positive_mass = False  # scores the positive part of the map (a constant map is defined when positive)
+
+    def _warn_no_positive(self, batch: AttributionBatch) -> None:
+        flat = batch.maps.flatten(1)
+        none = torch.isfinite(flat).all(1) & (flat.amax(1) <= 0)
+        self._note_undefined("no positive attribution", int(none.sum()))
 
 
 class TolerantPointingGame(_MaskMetric):
@@ -122,6 +143,8 @@ class EnergyPointingGame(_MaskMetric):
     """
 
     higher_is_better = True
+    positive_mass = True
+    constant_result = "positive constant: value = the region's share of the pixels"
 
     def __init__(
         self, region: str = "box", mask: str = "item", name: str | None = None, **kwargs: Any
@@ -135,11 +158,7 @@ class EnergyPointingGame(_MaskMetric):
         """Proportion `[P]` in [0, 1] (NaN: no positive attribution, non-finite map or empty mask)."""
         masks = self._masks(batch)
         self._check_inputs(batch, masks)
-        self._warn(
-            "no positive attribution (value NaN, skipped)",
-            int((batch.maps.flatten(1).amax(1) <= 0).sum()),
-            len(batch),
-        )
+        self._warn_no_positive(batch)
         return energy_pointing_game(batch.maps, masks, self.region)
 
 
@@ -154,6 +173,8 @@ class ClassDiscrimination(_MaskMetric):
     """
 
     higher_is_better = False
+    positive_mass = True
+    constant_result = "positive constant: value = the other classes' share of the pixels"
 
     def __init__(self, mask: str = "cell", name: str | None = None, **kwargs: Any) -> None:
         super().__init__(mask=mask, name=name, **kwargs)
@@ -170,12 +191,8 @@ class ClassDiscrimination(_MaskMetric):
         self._check_inputs(batch, masks[range(len(batch)), batch.classes])
         present = masks.flatten(2).any(2)
         single = present.sum(1) < 2
-        self._warn("image holds a single class (value NaN, skipped)", int(single.sum()), len(batch))
-        self._warn(
-            "no positive attribution (value NaN, skipped)",
-            int((batch.maps.flatten(1).amax(1) <= 0).sum()),
-            len(batch),
-        )
+        self._note_undefined("image holds a single class", int(single.sum()))
+        self._warn_no_positive(batch)
         return class_discrimination(batch.maps, masks, batch.classes)
 
 
@@ -185,6 +202,7 @@ class _Segmentation(_MaskMetric):
     higher_is_better = True
     constant_result = "segmented as all background"
     empty_result = "scored against an all-background truth"
+    empty_undefined = False
 
     def __init__(
         self, interpolation: str = "bilinear", mask: str = "item", name: str | None = None, **kwargs: Any
@@ -242,7 +260,7 @@ class _GurCounts(_Segmentation):
         finite = torch.isfinite(counts).all(1)
         if int((~finite).sum()):
             log.warning(
-                "%s: %d of %d maps non-finite (left out of the sums)",
+                "%s: %d of %d maps with a NaN / inf entry (left out of the sums)",
                 self.name,
                 int((~finite).sum()),
                 len(finite),
@@ -294,7 +312,8 @@ class SegmentationAP(_Segmentation):
     target's mask, averaged over images (NaN for an empty mask: skipped and counted)."""
 
     constant_result = "all pixels tied: AP = share of foreground pixels"
-    empty_result = "no foreground pixel, AP undefined: value NaN, skipped"
+    empty_result = "no foreground pixel, AP undefined"
+    empty_undefined = True
 
     def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
         masks, valid = self._inputs(batch)

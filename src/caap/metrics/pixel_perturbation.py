@@ -68,6 +68,13 @@ class _PixelPerturbation(CurveMetric):
         self.baseline = baseline if isinstance(baseline, str) else dict(baseline)
         self._baseline_key = setting_key(self.baseline)
         self.upsample = upsample
+        if upsample != "nearest":  # a constant c upsampled bilinearly is c only up to float rounding
+            self.constant_order = (
+                "their pixels are ranked by the float rounding of the bilinear upsampling (by position only "
+                "when all zero), not by attribution"
+            )
+        else:
+            self.constant_order = "their pixels are ranked by position, not by attribution"
         self.max_batch = None if max_batch is None else int(max_batch)
         self._k: int | None = self.steps
 

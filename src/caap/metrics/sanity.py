@@ -93,7 +93,7 @@ class CascadingRandomisation(AttributionMetric):
         for name, randomised in cascading_randomisation(
             model, self.stages, self.seed, self.control, self.cumulative
         ):
-            maps = self.method(randomised, images, classes).to(original.device).float()
+            maps = self.method(randomised, images, classes, batch.index).to(original.device).float()
             maps = maps.abs() if self.absolute else maps
             rhos.append(spearman_per_map(original, maps))
             ssims.append(

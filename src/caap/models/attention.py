@@ -106,7 +106,8 @@ def capture_attention(model: ViTClassifier) -> Iterator[list[Tensor]]:
 def readout_rows(model: ViTClassifier) -> str:
     """Which rows of a `[T, T]` attention / rollout matrix stand for what the head reads.
 
-    Token pooling (CLS, also DeiT's distilled pair): the first prefix token's row ("cls"). Patch pooling
+    Token pooling (CLS): the first prefix token's row ("cls"). DeiT's distilled head averages the logits of
+    the CLS and distillation tokens (rows 0 and 1): the mean of those two rows ("cls+dist"). Patch pooling
     (avg / max / avgmax): the mean over the pooled tokens' rows ("mean"): the patch tokens, plus the prefix
     tokens when the model pools them (`pool_include_prefix`). DINOv2's CLS + mean patch head: the average of
     both ("cls+mean"). Models without attention (MLP-Mixer) fail clearly.
@@ -117,21 +118,26 @@ def readout_rows(model: ViTClassifier) -> str:
             f"(raw_attention, attention_rollout, genatt) need a ViT or EVA"
         )
     pool = model.pooling
-    if pool in ("token", "distilled"):
+    if pool == "token":
         return "cls"
+    if pool == "distilled":
+        return "cls+dist"
     if pool == "token+avg":
         return "cls+mean"
     return "mean"
 
 
 def attention_readout(model: ViTClassifier, matrix: Tensor) -> Tensor:
-    """Patch-column scores `[B, N]` of `[B, T, T]`: the CLS row (token pooling), the mean pooled-token row
-    (patch pooling) or the average of the two (CLS + mean patch head)."""
+    """Patch-column scores `[B, N]` of `[B, T, T]`: the CLS row (token pooling), the mean of the CLS and
+    distillation rows (DeiT distilled), the mean pooled-token row (patch pooling) or the average of CLS and
+    mean patch rows (CLS + mean patch head), as `readout_rows` says."""
     kind = readout_rows(model)
     npre = model.num_prefix_tokens
     first = 0 if model.pool_include_prefix else npre
     if kind == "cls":
         row = matrix[:, 0]
+    elif kind == "cls+dist":
+        row = 0.5 * (matrix[:, 0] + matrix[:, 1])
     elif kind == "mean":
         row = matrix[:, first:].mean(1)
     else:

@@ -146,7 +146,8 @@ def build_model(
         new_random_head(model, num_classes if num_classes is not None else int(model.num_classes), source)
     set_fused_attn(model, fused_attn)
     data_config = model_data_config(model, crop_pct, interpolation)
-    pooling, classifier = None, None
+    pooling: str | None = None
+    classifier: torch.nn.Module | None = None
     if head == "dinov2_linear":
         pooling = "token+avg"
         classifier = dinov2_linear_head(int(model.embed_dim), num_classes or 1000, head_weights)
@@ -159,7 +160,7 @@ def build_model(
             )
         if text is None:  # random weights (explicitly asked for): random class embeddings, no text tower
             log.warning("model '%s': random weights, so random CLIP class embeddings", name)
-            text = torch.randn(len(class_names), proj.out_features)
+            text = torch.randn(len(class_names or ()), proj.out_features)
         if text.shape[1] != proj.out_features:
             raise ValueError(
                 f"open_clip {clip_model} text embeddings have width {text.shape[1]}, but '{name}' projects "
@@ -230,7 +231,9 @@ def model_depth(model_cfg: Any) -> int:
     """
     from omegaconf import OmegaConf
 
-    node = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
+    node: Any = (
+        OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else model_cfg
+    )
     name = node["name"]
     if not timm.is_model(name):  # accepts pretrained tags (`name.tag`)
         raise ValueError(f"model '{name}' is not a timm model name (timm.list_models())")
@@ -241,5 +244,5 @@ def model_depth(model_cfg: Any) -> int:
     if node.get("dynamic_img_size"):
         extra["dynamic_img_size"] = True
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, **extra)
+        model: Any = timm.create_model(name, pretrained=False, **extra)
     return len(model.blocks)

@@ -1,7 +1,8 @@
 """LibraGrad's MIF / LIF curves (Mehri et al., CVPR 2025, arXiv 2411.16760): patch tokens removed in map order.
 
 Patches are ranked by signed attribution (`caap.token_removal.patch_ranking`, ties by position); at each ratio
-r the `round(r * N)` highest-ranked (MIF) or lowest-ranked (LIF) are removed by the token-removal engine
+r MIF removes the `floor(r * N)` highest-ranked patches and LIF keeps the `floor((1 - r) * N)` highest-ranked
+(LibraGrad's official counts, `removal_counts`); the token-removal engine removes them
 (`removal`: `drop` as in LibraGrad, or `replace` by a token reference of `caap.references`; prefix tokens are
 kept). A curve `[P, K + 1]` holds the target's score (`caap.scores.CURVE_SCORES`) at the unmasked end r = 0
 (one plain forward) and after each ratio; a map with a non-finite entry has no ranking and gives a NaN curve.
@@ -10,7 +11,9 @@ Every (pair, order, ratio) of a batch runs through one engine call, so both orde
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from typing import Any, Literal
 
 import torch
@@ -58,9 +61,21 @@ def removal_axis(ratios: Sequence[float] | Tensor | None) -> Tensor:
     return torch.cat([r.new_zeros(1), r])
 
 
-def removal_counts(n: int, ratios: Sequence[float] | Tensor | None) -> list[int]:
-    """Patches removed at each ratio: `round(r * n)` (Python rounding, robust to float noise)."""
-    return [round(float(x) * n) for x in check_ratios(ratios)]
+def removal_counts(n: int, ratios: Sequence[float] | Tensor | None, order: str = "mif") -> list[int]:
+    """Patches removed at each ratio r for `order`, LibraGrad's official rule: MIF removes the top `floor(r n)`,
+    LIF keeps the top `floor((1 - r) n)`, i.e. removes `n - floor((1 - r) n)`.
+
+    Official: decompv `transform_mask_by_attributions` masks the top `int(q * N)` patches (timm-fork
+    `threshold_filter`) for q = 0.1, ..., 0.9; MIF at r is `nratio r`, LIF at r is `topratio (1 - r)`. Each ratio
+    is read as the decimal it prints as (`Fraction(repr(r))`) and the floor is exact, so float noise cannot move
+    a count (float `int(0.7 * 90)` is 62, the exact floor 63; no square grid below 90 x 90 is affected).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order '{order}' is not supported; allowed: {list(ORDERS)}")
+    exact = [Fraction(repr(float(x))) for x in check_ratios(ratios)]
+    if order == "mif":
+        return [math.floor(r * n) for r in exact]
+    return [n - math.floor((1 - r) * n) for r in exact]
 
 
 def higher_is_better(order: str, score: str) -> bool:
@@ -127,15 +142,15 @@ def token_removal_outcomes(
     gh, gw = model.grid_size(images)
     if tuple(maps.shape[1:]) != (gh, gw):
         raise ValueError(f"maps have shape {tuple(maps.shape)}, expected [P, {gh}, {gw}] for these images")
-    counts = removal_counts(gh * gw, ratios)
-    p, k = maps.shape[0], len(counts)
+    counts = {o: removal_counts(gh * gw, ratios, o) for o in orders}
+    p, k = maps.shape[0], len(check_ratios(ratios))
     empty = torch.zeros(p, k, device=device)
     if p == 0:
         return {o: Outcomes(empty, empty, empty) for o in orders}
     finite = torch.isfinite(maps.reshape(p, -1)).all(1)  # [P]
     rank = patch_ranks(torch.nan_to_num(maps.float()))  # [P, N]
     keys = [(o, step) for o in orders for step in range(k)]  # rows: key i, pair j is row i * P + j
-    keep = keep_masks(rank, [(o, counts[step]) for o, step in keys])  # [len(keys) * P, N]
+    keep = keep_masks(rank, [(o, counts[o][step]) for o, step in keys])  # [len(keys) * P, N]
     rows = torch.arange(p, device=device).repeat(len(keys))
     r0 = model.embed(images)  # [P, T, D]
     base = None

@@ -92,10 +92,10 @@ def positive_energy_share(maps: Tensor, regions: Tensor) -> Tensor:
     """
     _check_pairs(maps, regions)
     inside, total = mask_patch_counts(regions, tuple(maps.shape[-2:]))
-    pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN
+    pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN; -inf would become 0, hence `finite`
     num = (pos * inside).flatten(1).sum(1)
     den = (pos * total).flatten(1).sum(1)
-    ok = den > 0
+    ok = (den > 0) & torch.isfinite(maps.flatten(1)).all(1)
     return torch.where(ok, num / den.where(ok, torch.ones_like(den)), torch.full_like(den, float("nan")))
 
 

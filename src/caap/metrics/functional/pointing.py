@@ -54,12 +54,11 @@ def grid_pointing_game(maps: Tensor, cell_masks: Tensor) -> Tensor:
     if maps.shape[0] != cell_masks.shape[0]:
         raise ValueError(f"{maps.shape[0]} maps but {cell_masks.shape[0]} masks")
     inside, total = mask_patch_counts(cell_masks, tuple(maps.shape[-2:]))
-    pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN
+    pos = maps.to(torch.float64).clamp_min(0)  # NaN stays NaN; -inf would become 0, hence `finite`
     num = (pos * inside).flatten(1).sum(1)
     den = (pos * total).flatten(1).sum(1)
-    return torch.where(
-        den > 0, num / den.where(den > 0, torch.ones_like(den)), torch.full_like(den, float("nan"))
-    )
+    ok = (den > 0) & torch.isfinite(maps.flatten(1)).all(1)
+    return torch.where(ok, num / den.where(ok, torch.ones_like(den)), torch.full_like(den, float("nan")))
 
 
 def pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
