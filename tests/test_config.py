@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from pathlib import Path
 
@@ -159,15 +160,20 @@ LAYER_RANGES = {"default": ((0, 2), (0, 2)), "early": ((0, None), (0, 7)), "midd
 LAYER_RANGES["auto"] = ((0, None), (0, 7))  # placeholders, replaced by the chosen range
 
 
-@pytest.mark.parametrize("name", options("layers"))
-def test_layers_options_compose(compose_cfg, name: str) -> None:
+@functools.cache
+def _six_block_model() -> ViTClassifier:
     from caap.models import build_model
 
+    return build_model("vit_fashiongrid_patch7_56")
+
+
+@pytest.mark.parametrize("name", options("layers"))
+def test_layers_options_compose(compose_cfg, name: str) -> None:
     cfg = compose_cfg(f"layers={name}", "method=caap")
     configured, resolved = LAYER_RANGES[name]
     assert (cfg.layers.start, cfg.layers.stop) == configured
     method = instantiate(cfg.method)  # reads the range by interpolation
-    assert method.layer_range(build_model("vit_fashiongrid_patch7_56")) == resolved
+    assert method.layer_range(_six_block_model()) == resolved
     if name == "auto":
         assert cfg.layers.select_by._target_ == "caap.metrics.SRG" and cfg.layers.calibration_images == 32
 
@@ -202,6 +208,7 @@ def test_logger_options_instantiate(compose_cfg, name: str) -> None:
     assert all(Path(lg.save_dir) == Path(cfg.output_dir) for lg in loggers)  # everything in the run folder
 
 
+@functools.cache  # read only: the group options of the experiments repeat
 def _compose_with_hydra(*overrides: str) -> DictConfig:
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
