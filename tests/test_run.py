@@ -224,8 +224,11 @@ def test_ddp_sim_equals_one_process(compose_cfg, tmp_path, capfd) -> None:
     single = evaluate(compose_cfg(*common, f"output_dir={tmp_path / 'one'}"))
     double = evaluate(compose_cfg(*common, "trainer=ddp_sim", f"output_dir={tmp_path / 'two'}"))
     assert set(single) == set(double)
+    # float32 results depend on batch composition (GEMM sizes): one process already moves MIF by ~1e-6
+    # relative between data.batch_size=2 and 3 on this random-weight model, and each DDP rank sees other
+    # batches; a merge or padding bug moves the means by orders of magnitude more
     for name in single:
-        assert double[name] == pytest.approx(single[name], rel=1e-6, abs=1e-7), name
+        assert double[name] == pytest.approx(single[name], rel=2e-5, abs=1e-5), name
     assert set(load_maps(tmp_path / "one" / "maps")) == set(load_maps(tmp_path / "two" / "maps"))
     # the synced values go to the loggers once from rank zero: no Lightning "use sync_dist=True" warning
     # (the spawned ranks write to the captured file descriptors)
