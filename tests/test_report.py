@@ -98,6 +98,10 @@ def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
     for name in curve_metrics:
         x, y = curves[name]["x"], curves[name]["y"]
         assert len(x) == len(y) and x == sorted(x)
+        low, high = curves[name]["low"], curves[name]["high"]  # the pointwise bootstrap band of the mean
+        assert len(low) == len(high) == len(y)
+        assert all(lo <= v <= hi for lo, v, hi in zip(low, y, high, strict=True))
+        assert any(lo < hi for lo, hi in zip(low, high, strict=True))
         # the metric's area of the mean curve is the mean per-image area (the metric's value: areas are linear)
         area = metrics[name].auc(torch.tensor([y], dtype=torch.float64))
         assert float(area) == pytest.approx(written["metrics"][name], rel=1e-6, abs=1e-9)

@@ -22,7 +22,9 @@ from caap.stats import bootstrap as bootstrap_module
 SETTINGS = BootstrapSettings(resamples=1000, seed=7, level=0.95)
 
 
-def loop_interval(values: np.ndarray, clusters: np.ndarray, settings: BootstrapSettings) -> tuple[float, float]:
+def loop_interval(
+    values: np.ndarray, clusters: np.ndarray, settings: BootstrapSettings
+) -> tuple[float, float]:
     """The textbook cluster bootstrap, one resample at a time: draw images with replacement, take all their
     pairs, average the finite values; percentile interval."""
     images = np.unique(clusters)
@@ -125,7 +127,9 @@ def test_mean_ranks_and_their_interval() -> None:
     assert ranks.mean.tolist() == [1.0, 2.0, 3.0]
     assert ranks.per_metric.tolist() == [[1, 1], [2, 2], [3, 3]]
     assert ranks.low.tolist() == [1.0, 2.0, 3.0] and ranks.high.tolist() == [1.0, 2.0, 3.0]  # clear gaps
-    close = np.stack([values + noise[0], values + noise[1], values - 0.3])[:, None]  # runs 0 and 1 swap places
+    close = np.stack([values + noise[0], values + noise[1], values - 0.3])[
+        :, None
+    ]  # runs 0 and 1 swap places
     ranks = mean_ranks(close, clusters, np.array([True]), SETTINGS)
     assert ranks.low[0] == 1.0 and ranks.high[0] == 2.0 and ranks.mean[2] == 3.0 == ranks.low[2]
 
