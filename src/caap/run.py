@@ -36,6 +36,7 @@ from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
 from caap.resume import check_same_config, finished_metrics, previous_wandb_id, session_prefix, stored_maps
+from caap.stats import format_value
 from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,6 @@ def build_loggers(
     return loggers
 
 
-def value_with_interval(value: float, interval: list[float] | tuple[float, float] | None) -> str:
-    """`0.7625 [0.741, 0.783]`: the value and its CI (the value alone without one)."""
-    if interval is None:
-        return f"{value:.4f}"
-    return f"{value:.4f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-
-
 def print_summary(
     results: dict[str, float], metrics: dict[str, AttributionMetric], facts: dict[str, Any]
 ) -> None:
@@ -145,7 +139,7 @@ def print_summary(
     table.add_column("better", justify="center")
     for name, value in results.items():
         better = "higher" if higher_is_better(name, metrics) else "lower"
-        table.add_row(name, value_with_interval(value, intervals.get(name)), better)
+        table.add_row(name, format_value(value, intervals.get(name)), better)
     console.print(table)
     # soft_wrap: paths stay on one line (rich would fold them at the terminal width), so they can be copied
     console.print(f"outputs: {facts['output_dir']}", soft_wrap=True)

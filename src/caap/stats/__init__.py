@@ -7,6 +7,7 @@ from caap.stats.bootstrap import (
     BootstrapSettings,
     bootstrap_statistics,
     curve_band,
+    format_value,
     mean_interval,
     percentile_interval,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "PairedResult",
     "bootstrap_statistics",
     "curve_band",
+    "format_value",
     "holm",
     "mean_interval",
     "mean_ranks",

@@ -11,6 +11,7 @@ per resample, so a plain loop over resamples with the same seed draws the same i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -129,3 +130,13 @@ def curve_band(
             return sums[..., :s] / sums[..., s:]
 
     return percentile_interval(bootstrap_statistics(clusters, terms, mean_curve, settings), settings.level)
+
+
+def format_value(value: float, interval: tuple[float, float] | list[float] | None, digits: int = 4) -> str:
+    """`0.7625 [0.741, 0.783]`: a value with its CI one digit shorter (the value alone without a CI)."""
+    if not math.isfinite(value):
+        return "nan"
+    if interval is None:
+        return f"{value:.{digits}f}"
+    low, high = interval
+    return f"{value:.{digits}f} [{low:.{digits - 1}f}, {high:.{digits - 1}f}]"
