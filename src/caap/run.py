@@ -33,7 +33,14 @@ from caap.lit.module import AttributionModule, RunInfo
 from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
-from caap.resume import check_same_config, finished_metrics, previous_wandb_id, session_prefix, stored_maps
+from caap.resume import (
+    check_resume_folder,
+    check_same_config,
+    finished_metrics,
+    previous_wandb_id,
+    session_prefix,
+    stored_maps,
+)
 from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
@@ -178,6 +185,15 @@ def run_info(
     return RunInfo(facts, None if class_names is None else list(class_names), prefix, started)
 
 
+def with_saved_layer_choice(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """`cfg` as the finished run in `output_dir` recorded it: under `layers=auto` with the range it chose."""
+    auto = cfg.get("layers")
+    saved = (
+        LayerSelection.load(output_dir) if auto is not None and auto.get("select_by") is not None else None
+    )
+    return cfg if saved is None else saved.applied_to(cfg)
+
+
 def finish_wandb(failed: bool) -> None:
     """Finish the W&B run of this process, if one was started (marked failed when the run raised)."""
     wandb = sys.modules.get("wandb")
@@ -188,14 +204,18 @@ def finish_wandb(failed: bool) -> None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`.
 
-    With `cfg.resume` set (the run folder), a finished run returns its stored metrics and an unfinished one
-    continues where it was killed (see `caap.resume`). With `layers=auto` the layer range is chosen on
+    With `cfg.resume` set (the run folder), a finished run of the same config returns its stored metrics and an
+    unfinished one continues where it was killed; another config or a folder that holds no run is refused
+    (see `caap.resume`). With `layers=auto` the layer range is chosen on
     calibration images first (see `caap.layer_selection`).
     """
     started, output_dir, resuming = time.perf_counter(), Path(cfg.output_dir), bool(cfg.get("resume"))
-    if resuming and (done := finished_metrics(output_dir)) is not None:
-        print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
-        return done["metrics"]
+    if resuming:
+        check_resume_folder(cfg.resume)
+        if (done := finished_metrics(output_dir)) is not None:
+            check_same_config(output_dir, with_saved_layer_choice(cfg, output_dir))
+            print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
+            return done["metrics"]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     model: ViTClassifier = instantiate(cfg.model)
