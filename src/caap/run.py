@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from caap.batch import TARGETS
 from caap.data import AttributionDataModule
 from caap.layer_selection import LayerSelection, choose_layer_range, log_selection
 from caap.lit.module import AttributionModule, RunInfo
@@ -60,6 +61,18 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
     node = cfg.data.dataset
     fill = {k: v for k, v in from_model.items() if k in node and node[k] is None and v is not None}
     return instantiate(cfg.datamodule, dataset=instantiate(node, **fill))
+
+
+def check_target(target: str, datamodule: AttributionDataModule, data_name: str) -> None:
+    """Refuse, before any map, a `target` that is unknown or that would give no map: `label` on data without
+    class labels (every target all zero: 0 maps, and metrics that cannot compute)."""
+    if target not in TARGETS:
+        raise ValueError(f"target='{target}' is not supported; allowed: {list(TARGETS)}")
+    if target == "label" and not datamodule.has_labels:
+        raise ValueError(
+            f"target=label needs class labels, but data={data_name} ({type(datamodule.dataset).__name__}) "
+            f"has no labels, so no image would get a map; use target=pred to explain the model's top class"
+        )
 
 
 def build_metrics(
@@ -222,6 +235,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     method: AttributionMethod = instantiate(cfg.method)
     method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
     datamodule = build_datamodule(cfg, model)
+    check_target(cfg.target, datamodule, cfg.data.name)
     method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
     selection = choose_layer_range(cfg, method, model, datamodule, resuming)
     record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran
