@@ -11,7 +11,7 @@ from torchmetrics.classification import MultilabelAveragePrecision
 
 from caap.data import FashionGrid
 from caap.models import FASHIONGRID_MODEL, ViTClassifier, build_model
-from caap.models.fashiongrid import FASHIONGRID_CARD, FASHIONGRID_WEIGHTS
+from caap.models.embedded import FASHIONGRID_CARD, FASHIONGRID_WEIGHTS
 
 VARIANTS = {
     "cls": {},
