@@ -16,6 +16,7 @@ from PIL import Image
 from caap.batch import AttributionBatch
 from caap.data import SyntheticGrid
 from caap.maps_io import load_maps
+from caap.paths import CONF_DIR
 from caap.run import evaluate
 from caap.stats import DEFAULT_SETTINGS, mean_interval
 
@@ -219,6 +220,29 @@ def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp
     )
     with pytest.raises(ValueError, match="metric=faithfulness"):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("metric", sorted(p.stem for p in (CONF_DIR / "metric").glob("*.yaml")))
+def test_target_label_on_an_unlabelled_folder_fails_at_setup(compose_cfg, tmp_path, metric: str) -> None:
+    """target=label explains the classes each image is labelled with: on a folder without labels it made 0 maps
+    (faithfulness then failed in PixelDeletion with 'update once first', the default metrics with a hint to
+    metric=faithfulness). Every metric group is refused at setup, pointing to target=pred, before any map."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((torch.rand(56, 56, 3) * 255).byte().numpy()).save(folder / "a.png")
+    cfg = compose_cfg(
+        "data=image_folder", f"data.root={folder}", f"metric={metric}", "logger=csv", "model.pretrained=false"
+    )
+    with pytest.raises(ValueError, match=r"target=label needs .*labels.*ImageFolderDataset.*use target=pred"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
+
+
+def test_unknown_target_fails_at_setup(compose_cfg) -> None:
+    cfg = compose_cfg(*FAST, "target=top", "logger=csv")
+    with pytest.raises(ValueError, match=r"target='top' is not supported; allowed: \['label', 'pred'\]"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
 
 
 @pytest.mark.slow
