@@ -42,8 +42,9 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 run: setup
 	$(PY) -m caap $(ARGS)
 
+# One pytest-xdist worker per core; a test file stays on one worker (its module fixtures are built once).
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow or ddp" $(ARGS)

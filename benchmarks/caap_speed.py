@@ -66,7 +66,7 @@ def _peak_rss_mb() -> float:
 
 def _build(name: str, device: str, fused: bool) -> Any:
     from caap.models import build_model
-    from caap.models.fashiongrid import FASHIONGRID_MODEL, FASHIONGRID_WEIGHTS
+    from caap.models.embedded import FASHIONGRID_MODEL, FASHIONGRID_WEIGHTS
 
     name = ALIASES.get(name, name)
     pretrained = name == FASHIONGRID_MODEL and FASHIONGRID_WEIGHTS.is_file()

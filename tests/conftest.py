@@ -18,7 +18,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # timm downloads missing pretrained weights when online: the suite never does (test_weights fakes the hub).
 # Set before huggingface_hub is imported: it reads the variable once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture

@@ -56,3 +56,15 @@ def test_app_cfg_job_and_bad_override(tmp_path: Path) -> None:
     bad = run_app("layers.start=abc")
     assert bad.returncode != 0
     assert "layers.start" in bad.stderr and "Integer" in bad.stderr
+
+
+def test_resume_of_a_missing_folder_is_refused_before_hydra_writes_there(tmp_path: Path) -> None:
+    """Hydra creates the run (or sweep) folder before the job starts: a mistyped resume= path is refused
+    first, so that no folder appears there (a run and a sweep)."""
+    missing = tmp_path / "typo"
+    for sweep in ([], ["-m", "method=random,gradient"]):
+        proc = run_app(*sweep, "data=synthetic", "model.pretrained=false", f"resume={missing}", cwd=tmp_path)
+        assert proc.returncode != 0
+        assert f"resume={missing} does not exist" in proc.stderr, proc.stderr[-2000:]
+        assert not missing.exists()
+        assert "Traceback" not in proc.stderr

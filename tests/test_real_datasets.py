@@ -345,3 +345,28 @@ def test_data_options_follow_the_model_preprocessing(compose_cfg, tmp_path, name
         assert datamodule.class_names[517] == "crane (n03126707)"
     if name not in ("imagenet_val", "image_folder"):
         assert sample["segmentation"].shape == (56, 56) and sample["segmentation"].dtype == torch.long
+
+
+@pytest.mark.parametrize(
+    ("name", "labelled"),
+    [
+        ("imagenet_val", True),
+        ("imagenet_s", True),
+        ("imagenet_segmentation", False),
+        ("voc_segmentation", False),
+        ("image_folder", False),
+    ],
+)
+def test_target_label_needs_a_labelled_data_option(compose_cfg, tmp_path, name: str, labelled: bool) -> None:
+    """The data options without class labels (ImageNet-Segmentation, VOC in the default foreground label space,
+    an image folder without labels_file) say so, and a run with target=label on them is refused at setup
+    (it made 0 maps) while target=pred runs."""
+    from caap.models import build_model
+    from caap.run import build_datamodule, evaluate
+
+    cfg = compose_cfg(f"data={name}", *_fixture_for(name, tmp_path), "model=test_vit", "logger=csv")
+    model = build_model("test_vit", img_size=56, num_classes=1000, kwargs={"patch_size": 7})
+    assert build_datamodule(cfg, model).has_labels is labelled
+    if not labelled:
+        with pytest.raises(ValueError, match="use target=pred"):
+            evaluate(cfg)

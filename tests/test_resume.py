@@ -171,13 +171,15 @@ def test_resume_reads_stored_maps_back_and_computes_only_the_missing_pairs(compo
 def test_finished_run_is_skipped(compose_cfg, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     out.mkdir()
+    OmegaConf.save(compose_cfg(*COMMON, f"output_dir={out}"), out / "config.yaml", resolve=True)
     finished = {"metrics": {"grid_pointing": 0.5}, "num_maps": 3, "finished": True}
     (out / "metrics.json").write_text(json.dumps(finished))
     stamp = (out / "metrics.json").stat().st_mtime_ns
     again = evaluate(compose_cfg(*COMMON, f"output_dir={out}", f"resume={out}"))
     assert again == {"grid_pointing": 0.5}
     assert (out / "metrics.json").stat().st_mtime_ns == stamp and sorted(p.name for p in out.iterdir()) == [
-        "metrics.json"
+        "config.yaml",
+        "metrics.json",
     ]
     assert "finished earlier, skipped" in capsys.readouterr().out
     # a metrics.json without the finished mark (killed while writing its outputs) is not skipped
@@ -194,6 +196,54 @@ def test_resume_refuses_a_run_of_another_config(compose_cfg, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"method\._target_"):
         evaluate(compose_cfg(*COMMON, "method=input_x_gradient", f"output_dir={out}", f"resume={out}"))
     assert not (out / "maps").exists()
+
+
+def test_finished_run_of_another_config_is_refused(compose_cfg, tmp_path, capsys) -> None:
+    """A finished run resumed with other overrides is refused with the keys that differ, as an unfinished one
+    is (it used to print "finished earlier, skipped" and return the old run's metrics as the new config's)."""
+    out = tmp_path / "run"
+    results = evaluate(compose_cfg(*COMMON, f"output_dir={out}"))
+    written = (out / "metrics.json").read_text()
+    with pytest.raises(ValueError, match=r"different config \(method\._target_: .*Gradient.* -> .*Random"):
+        evaluate(compose_cfg(*COMMON, "method=random", f"output_dir={out}", f"resume={out}"))
+    with pytest.raises(ValueError, match=r"data\.limit: 6 -> 4"):
+        evaluate(compose_cfg(*COMMON, "data.limit=4", f"output_dir={out}", f"resume={out}"))
+    assert (out / "metrics.json").read_text() == written
+    assert "skipped" not in capsys.readouterr().out
+    # the same config (where and how it runs may change) is skipped and returns the stored metrics
+    again = evaluate(compose_cfg(*COMMON, "data.num_workers=1", f"output_dir={out}", f"resume={out}"))
+    assert again == results and "finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_finished_layers_auto_run_with_the_same_config_is_skipped(compose_cfg, tmp_path, capsys) -> None:
+    """Under layers=auto the stored config holds the chosen range: the comparison applies the saved choice."""
+    args = [*COMMON, "method=caap", "layers=auto", "layers.calibration_images=2", "metric=localisation"]
+    out = tmp_path / "run"
+    results = evaluate(compose_cfg(*args, f"output_dir={out}"))
+    assert evaluate(compose_cfg(*args, f"output_dir={out}", f"resume={out}")) == results
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"layers\.calibration_images: 2 -> 3"):
+        evaluate(compose_cfg(*args, "layers.calibration_images=3", f"output_dir={out}", f"resume={out}"))
+
+
+def test_resume_needs_an_existing_run_folder(compose_cfg, tmp_path) -> None:
+    """resume= names a run (or sweep) folder written before: a missing path (a typo) or a folder that holds
+    no run is refused before anything is written, instead of silently starting a new run there."""
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match=rf"resume={missing} does not exist.*config\.yaml"):
+        evaluate(compose_cfg(*COMMON, f"output_dir={missing}", f"resume={missing}"))
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"resume={empty} holds no caap run.*config\.yaml"):
+        evaluate(compose_cfg(*COMMON, f"output_dir={empty}", f"resume={empty}"))
+    assert list(empty.iterdir()) == []
+    # a job of a resumed sweep whose folder was never written starts there (the sweep folder exists)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("{}\n")
+    evaluate(compose_cfg(*COMMON, f"output_dir={sweep / '0_method-gradient'}", f"resume={sweep}"))
+    assert json.loads((sweep / "0_method-gradient" / "metrics.json").read_text())["finished"] is True
 
 
 def test_config_differences_ignore_where_and_how() -> None:
@@ -214,8 +264,9 @@ def test_real_kill_then_resume_equals_uninterrupted(compose_cfg, tmp_path) -> No
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     command = [sys.executable, "-m", "caap", *args, f"resume={run}"]
+    start = [sys.executable, "-m", "caap", *args, f"hydra.run.dir={run}"]  # resume= needs an existing run
     proc = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        start, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
     while (

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -14,7 +16,9 @@ from PIL import Image
 from caap.batch import AttributionBatch
 from caap.data import SyntheticGrid
 from caap.maps_io import load_maps
+from caap.paths import CONF_DIR
 from caap.run import evaluate
+from caap.stats import DEFAULT_SETTINGS, mean_interval
 
 FAST = ["data=synthetic", "data.limit=6", "data.batch_size=3", "model.pretrained=false", "media_images=2"]
 
@@ -70,10 +74,16 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     with open(out / "per_image.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {(int(r["index"]), int(r["class"])) for r in rows} == expected_keys
-    # each metric is the mean of its defined per-image values
+    # each metric is the mean of its defined per-image values; its CI is the image bootstrap of that mean
+    assert written["bootstrap"] == {**asdict(DEFAULT_SETTINGS), "interval": "percentile", "unit": "image"}
+    assert DEFAULT_SETTINGS.resamples >= 1000 and DEFAULT_SETTINGS.level == 0.95
+    images = np.array([int(r["index"]) for r in rows])
     for name, value in results.items():
         column = torch.tensor([float(r[name]) for r in rows], dtype=torch.float64)
         assert value == pytest.approx(float(column[column.isfinite()].mean()), rel=1e-9), name
+        low, high = written["ci"][name]
+        assert low <= value <= high and low < high, name
+        assert (low, high) == pytest.approx(mean_interval(column.numpy(), images), rel=1e-9), name
     # the stored maps are the ones scored, on their own (image, class): the mask metrics recomputed from
     # maps/ and the dataset's masks give the run's values
     keys = sorted(maps)
@@ -111,6 +121,8 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     logged = {**history, **summary}
     for name, value in results.items():
         assert float(logged[f"test/{name}"]) == pytest.approx(value, rel=1e-6)
+        ci = [float(logged[f"test/{name}/ci_{end}"]) for end in ("low", "high")]
+        assert ci == pytest.approx(written["ci"][name], rel=1e-6)
     media = {k.split("/")[0] for k in logged}
     assert {"maps", "per_image"} <= media, sorted(logged)
 
@@ -208,6 +220,29 @@ def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp
     )
     with pytest.raises(ValueError, match="metric=faithfulness"):
         evaluate(cfg)
+
+
+@pytest.mark.parametrize("metric", sorted(p.stem for p in (CONF_DIR / "metric").glob("*.yaml")))
+def test_target_label_on_an_unlabelled_folder_fails_at_setup(compose_cfg, tmp_path, metric: str) -> None:
+    """target=label explains the classes each image is labelled with: on a folder without labels it made 0 maps
+    (faithfulness then failed in PixelDeletion with 'update once first', the default metrics with a hint to
+    metric=faithfulness). Every metric group is refused at setup, pointing to target=pred, before any map."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((torch.rand(56, 56, 3) * 255).byte().numpy()).save(folder / "a.png")
+    cfg = compose_cfg(
+        "data=image_folder", f"data.root={folder}", f"metric={metric}", "logger=csv", "model.pretrained=false"
+    )
+    with pytest.raises(ValueError, match=r"target=label needs .*labels.*ImageFolderDataset.*use target=pred"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
+
+
+def test_unknown_target_fails_at_setup(compose_cfg) -> None:
+    cfg = compose_cfg(*FAST, "target=top", "logger=csv")
+    with pytest.raises(ValueError, match=r"target='top' is not supported; allowed: \['label', 'pred'\]"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
 
 
 @pytest.mark.slow

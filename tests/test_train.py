@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from caap.data.idx import DEBIAN_FASHION_MNIST
 from caap.models import build_model
-from caap.models.fashiongrid import ASSETS
+from caap.models.embedded import ASSETS
 from caap.paths import CONF_DIR
 from caap.train import train
 

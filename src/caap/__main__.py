@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import hydra
@@ -22,11 +23,23 @@ warnings.filterwarnings(
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, float]:
+def app(cfg: DictConfig) -> dict[str, float]:
     """Compose the config, evaluate, return the metrics (Hydra's multirun collects them)."""
     from caap.run import evaluate  # imported here so `--help` and `--cfg job` stay fast
 
     return evaluate(cfg)
+
+
+def main() -> None:
+    """The Hydra app, after refusing a `resume=` path that holds no run: Hydra would create the folder first
+    (it is the run folder), so a typo would start a new run there."""
+    from caap.resume import check_resume_arguments
+
+    try:
+        check_resume_arguments(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"Error: {err}")
+    app()
 
 
 if __name__ == "__main__":

@@ -9,17 +9,20 @@ safetensors file per finished batch (written atomically, see `caap.maps_io`), an
   the (image, class) pairs without one; metrics are computed from all maps (stored ones included), in the
   same batches as an uninterrupted run, so the metrics and `per_image.csv` equal the uninterrupted ones;
   new maps go to files with a fresh prefix (`resume1_r0_b000003.safetensors`), so nothing is overwritten
-  and no map is written twice;
-* a folder that does not exist yet is simply a new run (one command both starts and continues a run).
+  and no map is written twice.
 
-A folder written with a different config (other than where and how it runs) is refused with the keys that
-differ, so that maps of another method or model never mix into the results.
+`resume=` must name a folder written before (`check_resume_folder`): a run folder (its `config.yaml`) or a
+sweep folder (Hydra's `multirun.yaml`; a job of it that never started starts in its own subfolder). A missing
+path, usually a typo, is refused rather than started as a new run. A folder written with a different config
+(other than where and how it runs), finished or not, is refused with the keys that differ, so that maps of
+another method or model never mix into the results and a finished run never answers for another config.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,43 @@ MAY_DIFFER = (
     "output_dir", "resume", "logger", "trainer", "callbacks", "media_images", "data.num_workers", "datamodule",
 )  # fmt: skip
 FINISHED_KEY = "finished"
+#: What a folder written by caap holds from its start: a run's composed config, a sweep's Hydra record.
+RUN_CONFIG, SWEEP_CONFIG = "config.yaml", "multirun.yaml"
+FOLDER_CONTENT = (
+    f"a run folder holds the {RUN_CONFIG} its run writes when it starts (maps/ as it runs, metrics.json once "
+    f"finished); a sweep folder holds Hydra's {SWEEP_CONFIG}"
+)
+
+
+def check_resume_arguments(arguments: Sequence[str]) -> None:
+    """`check_resume_folder` on a `resume=PATH` command-line override, if any: `python -m caap` calls it before
+    Hydra creates the run folder, so that a mistyped path is refused rather than started as a new run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [a for a in arguments if re.match(r"\+{0,2}resume=", a)]
+    for override in OverridesParser.create().parse_overrides(given):
+        value = override.value()
+        if isinstance(value, str) and value:
+            check_resume_folder(value)
+
+
+def check_resume_folder(resume: str | Path) -> None:
+    """Refuse a `resume=` path that is not a run or sweep folder written before (FileNotFoundError when it
+    does not exist, ValueError when it holds neither a run's config.yaml nor a sweep's multirun.yaml)."""
+    path = Path(resume)
+    start_new = (
+        f"To start a new run in that folder, give hydra.run.dir={path} (hydra.sweep.dir= with -m) instead."
+    )
+    if not path.exists():
+        raise FileNotFoundError(
+            f"resume={path} does not exist. resume= continues a run or sweep started earlier: {FOLDER_CONTENT}. "
+            f"{start_new}"
+        )
+    if not any((path / name).is_file() for name in (RUN_CONFIG, SWEEP_CONFIG)):
+        raise ValueError(
+            f"resume={path} holds no caap run or sweep: {FOLDER_CONTENT} (a run killed before writing its "
+            f"{RUN_CONFIG} has nothing to resume). {start_new}"
+        )
 
 
 def finished_metrics(output_dir: str | Path) -> dict[str, Any] | None:
@@ -67,7 +107,7 @@ def config_differences(stored: dict[Any, Any], current: dict[Any, Any]) -> list[
 
 def check_same_config(output_dir: str | Path, cfg: DictConfig) -> None:
     """Raise a ValueError naming the differing keys when `output_dir` holds a run of another config."""
-    path = Path(output_dir) / "config.yaml"
+    path = Path(output_dir) / RUN_CONFIG
     if not path.exists():
         return
     stored = OmegaConf.to_container(OmegaConf.load(path), resolve=False)

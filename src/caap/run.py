@@ -1,11 +1,13 @@
 """`evaluate(cfg)`: build the configured model, method, data, metrics, loggers and callbacks, run the loop.
 
 Outputs (a contract that reports and resumption rely on), all in `cfg.output_dir`:
-`metrics.json` (final metric values, each metric's `higher_is_better`, and run facts; written last, with
-`"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g. deletion /
-insertion), `images.safetensors` (the first `report_images` images, uint8 `[3, H, W]` by dataset index),
-`per_image.csv` (one row per image and class), `maps/` (safetensors keyed by dataset index and class, see
-`caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
+`metrics.json` (final metric values, each metric's `higher_is_better`, each value's 95% bootstrap CI under
+`ci` and the bootstrap settings under `bootstrap` (see `caap.stats`), and run facts; written last, with
+`"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g.
+deletion / insertion, with its pointwise bootstrap band `"low"`, `"high"`), `images.safetensors` (the first
+`report_images` images, uint8 `[3, H, W]` by dataset index), `per_image.csv` (one row per image and class
+with every per-pair value, which `caap.report` pairs runs on), `maps/` (safetensors keyed by dataset index and
+class, see `caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
 `layers_auto.json` (`layers=auto`'s choice and landscape), `csv/` (Lightning's CSV log) and `wandb/` (the
 offline W&B run, when the wandb logger is on). The callbacks group (conf/callbacks) writes all but the config.
 """
@@ -27,13 +29,22 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from caap.batch import TARGETS
 from caap.data import AttributionDataModule
 from caap.layer_selection import LayerSelection, choose_layer_range, log_selection
 from caap.lit.module import AttributionModule, RunInfo
 from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
-from caap.resume import check_same_config, finished_metrics, previous_wandb_id, session_prefix, stored_maps
+from caap.resume import (
+    check_resume_folder,
+    check_same_config,
+    finished_metrics,
+    previous_wandb_id,
+    session_prefix,
+    stored_maps,
+)
+from caap.stats import format_value
 from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,18 @@ def build_datamodule(cfg: DictConfig, model: ViTClassifier) -> AttributionDataMo
     node = cfg.data.dataset
     fill = {k: v for k, v in from_model.items() if k in node and node[k] is None and v is not None}
     return instantiate(cfg.datamodule, dataset=instantiate(node, **fill))
+
+
+def check_target(target: str, datamodule: AttributionDataModule, data_name: str) -> None:
+    """Refuse, before any map, a `target` that is unknown or that would give no map: `label` on data without
+    class labels (every target all zero: 0 maps, and metrics that cannot compute)."""
+    if target not in TARGETS:
+        raise ValueError(f"target='{target}' is not supported; allowed: {list(TARGETS)}")
+    if target == "label" and not datamodule.has_labels:
+        raise ValueError(
+            f"target=label needs class labels, but data={data_name} ({type(datamodule.dataset).__name__}) "
+            f"has no labels, so no image would get a map; use target=pred to explain the model's top class"
+        )
 
 
 def build_metrics(
@@ -126,15 +149,17 @@ def build_loggers(
 def print_summary(
     results: dict[str, float], metrics: dict[str, AttributionMetric], facts: dict[str, Any]
 ) -> None:
-    """The metric table and where the run's outputs are."""
+    """The metric table (value and 95% bootstrap CI from `facts["ci"]`) and where the run's outputs are."""
     console = Console()
     table = Table(title=f"{facts['method']} on {facts['data']} ({facts['num_maps']} maps)")
+    intervals = facts.get("ci") or {}
+    level = (facts.get("bootstrap") or {}).get("level", 0.95)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column(f"value [{level:.0%} CI]" if intervals else "value", justify="right")
     table.add_column("better", justify="center")
     for name, value in results.items():
         better = "higher" if higher_is_better(name, metrics) else "lower"
-        table.add_row(name, f"{value:.4f}", better)
+        table.add_row(name, format_value(value, intervals.get(name)), better)
     console.print(table)
     # soft_wrap: paths stay on one line (rich would fold them at the terminal width), so they can be copied
     console.print(f"outputs: {facts['output_dir']}", soft_wrap=True)
@@ -178,6 +203,15 @@ def run_info(
     return RunInfo(facts, None if class_names is None else list(class_names), prefix, started)
 
 
+def with_saved_layer_choice(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """`cfg` as the finished run in `output_dir` recorded it: under `layers=auto` with the range it chose."""
+    auto = cfg.get("layers")
+    saved = (
+        LayerSelection.load(output_dir) if auto is not None and auto.get("select_by") is not None else None
+    )
+    return cfg if saved is None else saved.applied_to(cfg)
+
+
 def finish_wandb(failed: bool) -> None:
     """Finish the W&B run of this process, if one was started (marked failed when the run raised)."""
     wandb = sys.modules.get("wandb")
@@ -188,20 +222,25 @@ def finish_wandb(failed: bool) -> None:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Compute and score attribution maps as `cfg` says; returns `{metric name: value}`.
 
-    With `cfg.resume` set (the run folder), a finished run returns its stored metrics and an unfinished one
-    continues where it was killed (see `caap.resume`). With `layers=auto` the layer range is chosen on
+    With `cfg.resume` set (the run folder), a finished run of the same config returns its stored metrics and an
+    unfinished one continues where it was killed; another config or a folder that holds no run is refused
+    (see `caap.resume`). With `layers=auto` the layer range is chosen on
     calibration images first (see `caap.layer_selection`).
     """
     started, output_dir, resuming = time.perf_counter(), Path(cfg.output_dir), bool(cfg.get("resume"))
-    if resuming and (done := finished_metrics(output_dir)) is not None:
-        print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
-        return done["metrics"]
+    if resuming:
+        check_resume_folder(cfg.resume)
+        if (done := finished_metrics(output_dir)) is not None:
+            check_same_config(output_dir, with_saved_layer_choice(cfg, output_dir))
+            print(f"{job_label() or 'run'}: finished earlier, skipped ({output_dir})", flush=True)
+            return done["metrics"]
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     model: ViTClassifier = instantiate(cfg.model)
     method: AttributionMethod = instantiate(cfg.method)
     method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
     datamodule = build_datamodule(cfg, model)
+    check_target(cfg.target, datamodule, cfg.data.name)
     method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
     selection = choose_layer_range(cfg, method, model, datamodule, resuming)
     record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran

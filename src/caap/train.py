@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from caap.models import build_model
-from caap.models.fashiongrid import ASSETS
+from caap.models.embedded import ASSETS
 from caap.models.vit import ViTClassifier
 from caap.paths import CONF_DIR
 

@@ -48,7 +48,8 @@ class AttributionDataModule(L.LightningDataModule):
     Lightning would wrap the sampler in a padding `DistributedSampler`.
 
     Attributes: `dataset` (the full dataset), `indices` (the selected dataset indices, before the DDP split),
-    `num_classes` and `class_names` (from the dataset's `num_classes` and `class_names` / `classes`, else None).
+    `num_classes` and `class_names` (from the dataset's `num_classes` and `class_names` / `classes`, else None),
+    `has_labels` (the dataset's, else True).
     """
 
     def __init__(
@@ -122,6 +123,12 @@ class AttributionDataModule(L.LightningDataModule):
     def num_classes(self) -> int | None:
         """The dataset's `num_classes`, or None."""
         return getattr(self.dataset, "num_classes", None)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the samples' `target` holds class labels (the dataset's `has_labels`; True when it has none):
+        `target=label` needs them (ImageNet-Segmentation or an image folder without labels has all-zero targets)."""
+        return bool(getattr(self.dataset, "has_labels", True))
 
     @property
     def class_names(self) -> Sequence[str] | None:

@@ -55,6 +55,7 @@ class SegmentationDataset(Dataset):
     items: list
     num_classes: int | None
     class_names: list[str] | None
+    has_labels: bool = True  # False: targets are all zero (no class labels), so runs need target=pred
 
     def __init__(
         self, image_size: int, crop_pct: float | None = None, interpolation: str | None = "bicubic"
@@ -249,6 +250,7 @@ class ImageNetSegmentation(SegmentationDataset):
         self.items = list(range(n))
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
+        self.has_labels = False  # object masks without classes
         self._file = None
 
     def describe(self, index: int) -> str:
@@ -321,6 +323,7 @@ class VOCSegmentation(SegmentationDataset):
         ids = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
         self.items = ids
         self.label_space = label_space
+        self.has_labels = label_space == "voc"  # foreground: objects without the model's classes
         if label_space == "voc":
             if num_classes not in (None, len(VOC_CLASSES)):
                 raise ValueError(

@@ -2,7 +2,7 @@
 
 from caap.models.attention import set_fused_attn
 from caap.models.build import build_model, model_depth
-from caap.models.fashiongrid import FASHIONGRID_MODEL
+from caap.models.embedded import FASHIONGRID_MODEL
 from caap.models.vit import ViTClassifier
 
 __all__ = ["FASHIONGRID_MODEL", "ViTClassifier", "build_model", "model_depth", "set_fused_attn"]

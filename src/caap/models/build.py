@@ -22,7 +22,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-import caap.models.fashiongrid  # noqa: F401  (registers vit_fashiongrid_patch7_56 with timm)
+import caap.models.embedded  # noqa: F401  (registers the shipped FashionGrid and FashionScenes ViTs with timm)
 from caap.models.attention import set_fused_attn
 from caap.models.heads import ZeroShotHead, clip_text_embeddings, dinov2_linear_head
 from caap.models.imagenet_classes import imagenet_class_names
