@@ -1,12 +1,10 @@
-"""`caap.report`: tables with the best per metric, figures, a self-contained page that Chromium renders with
+"""`caap.report`: tables with CIs and statistical marks, paired verdicts on real runs, figures, a self-contained page that Chromium renders with
 every image loaded, and the W&B summary run; built from real run folders of `caap.run.evaluate`."""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 import os
 import re
 import shutil
@@ -22,8 +20,7 @@ from hydra.utils import instantiate
 from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
 from caap.report import build_report, latest_run_dir, load_runs
-from caap.report.runs import RunRecord
-from caap.report.table import best_runs, to_csv, to_markdown
+from caap.report.table import report_statistics
 from caap.report.wandb_summary import TABLE_KEY
 from test_run import read_wandb_records
 
@@ -34,55 +31,40 @@ RUNS = [  # (folder, overrides): two CAAP layer ranges and the random floor, on 
     ("2_method=random", ["method=random"]),
 ]
 FAST = ["model=test_vit", "data=synthetic", "data.limit=2", "logger=csv", "media_images=0"]
+LOCALISATION = ("grid_pointing", "energy_pointing", "class_discrimination")
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A multirun-shaped folder of three real runs (evaluate + the overrides Hydra would have recorded)."""
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "multirun.yaml").write_text("{}\n")
+    for folder, overrides in RUNS:
+        run_into(root / folder, overrides)
+    return root
+
+
+def run_into(out: Path, overrides: list[str], base: list[str] = FAST) -> None:
+    """`evaluate` with `base` and `overrides` into `out`, recording the overrides as Hydra would."""
     from hydra import compose, initialize_config_dir
 
     from caap.run import evaluate
 
     register_schemas()
-    root = tmp_path_factory.mktemp("sweep")
-    (root / "multirun.yaml").write_text("{}\n")
-    for folder, overrides in RUNS:
-        out = root / folder
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(
-                "config",
-                overrides=[*FAST, *overrides, "trainer.enable_progress_bar=false", f"output_dir='{out}'"],
-            )
-        evaluate(cfg)
-        (out / ".hydra").mkdir()
-        (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    return root
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[*base, *overrides, "trainer.enable_progress_bar=false", f"output_dir='{out}'"],
+        )
+    evaluate(cfg)
+    (out / ".hydra").mkdir()
+    (out / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
 
 
 @pytest.fixture(scope="module")
 def report(sweep: Path, tmp_path_factory) -> dict[str, Path]:
     """The report of `sweep` (tables, page, W&B summary run), built once."""
     return build_report(sweep, tmp_path_factory.mktemp("report"), wandb=True)
-
-
-def record(label: str, metrics: dict[str, float], higher: dict[str, bool]) -> RunRecord:
-    return RunRecord(Path(label), "m", [], {}, metrics, higher, label=label)
-
-
-def test_best_per_column_respects_higher_is_better() -> None:
-    higher = {"deletion": False, "insertion": True}
-    rows = [
-        record("a", {"deletion": 0.2, "insertion": 0.9}, higher),
-        record("b", {"deletion": 0.1, "insertion": math.nan}, higher),
-        record("c", {"deletion": 0.3, "insertion": 0.9}, higher),
-    ]
-    assert best_runs(rows) == {"deletion": [1], "insertion": [0, 2]}  # lower wins; ties all marked; NaN never
-    md = to_markdown(rows)
-    assert "deletion (↓)" in md and "insertion (↑)" in md
-    assert "**0.1000**" in md and "**0.2000**" not in md and md.count("**0.9000**") == 2
-    table = list(csv.DictReader(io.StringIO(to_csv(rows))))
-    assert [r["best_deletion"] for r in table] == ["0", "1", "0"]
-    assert [r["best_insertion"] for r in table] == ["1", "0", "1"]
 
 
 def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
@@ -98,6 +80,10 @@ def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
     for name in curve_metrics:
         x, y = curves[name]["x"], curves[name]["y"]
         assert len(x) == len(y) and x == sorted(x)
+        low, high = curves[name]["low"], curves[name]["high"]  # the pointwise bootstrap band of the mean
+        assert len(low) == len(high) == len(y)
+        assert all(lo <= v <= hi for lo, v, hi in zip(low, y, high, strict=True))
+        assert any(lo < hi for lo, hi in zip(low, high, strict=True))
         # the metric's area of the mean curve is the mean per-image area (the metric's value: areas are linear)
         area = metrics[name].auc(torch.tensor([y], dtype=torch.float64))
         assert float(area) == pytest.approx(written["metrics"][name], rel=1e-6, abs=1e-9)
@@ -116,10 +102,13 @@ def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
     md = report["md"].read_text()
     for r in records:
         assert r.label in md
-    for name, higher in records[0].higher_is_better.items():  # the best value of each column is bold
-        values = [r.metrics[name] for r in records if math.isfinite(r.metrics[name])]
-        if values:
-            assert f"**{(max if higher else min)(values):.4f}**" in md
+    stats = report_statistics(records)
+    assert stats.groups == [[0, 1, 2]]  # the same images and classes: one comparable group
+    for name in records[0].metrics:  # bold exactly where the paired tests say "best", with the value's CI
+        for i, r in enumerate(records):
+            low, high = r.ci[name]
+            cell = f"{r.metrics[name]:.4f}** [{low:.3f}, {high:.3f}]"
+            assert (f"**{cell}" in md) == (stats.mark(name, i) == "best"), (name, r.label)
     rows = list(csv.DictReader(report["csv"].open()))
     assert [r["layers_stop"] for r in rows] == ["1", "2", ""]
 
@@ -148,6 +137,32 @@ def test_html_page_is_self_contained_and_renders_in_chromium(report: dict[str, P
     assert match, proc.stdout[:500]
     loaded, total = int(match.group(1)), int(match.group(2))
     assert total == page.count("<img") >= 3 and loaded == total
+
+
+def test_a_rerun_with_identical_maps_differs_by_exactly_zero_and_ties(sweep: Path, tmp_path: Path) -> None:
+    """The same run again (the same seed: the same random maps) against the sweep's: every metric's
+    difference is exactly 0, p = 1, and the two are tied leaders, not a best and a runner-up."""
+    run_into(tmp_path / "again", RUNS[2][1])
+    records = load_runs(sweep / RUNS[2][0], tmp_path / "again")
+    assert records[0].pairs is not None and records[0].pairs.same_pairs(records[1].pairs)
+    stats = report_statistics(records)
+    assert {c.metric for c in stats.comparisons} == set(records[0].metrics)
+    for c in stats.comparisons:
+        assert (c.result.difference, c.result.p_value, c.verdict) == (0.0, 1.0, "tied"), c.metric
+        assert stats.marks[c.metric] == {0: "tied", 1: "tied"}
+
+
+@pytest.mark.slow
+def test_caap_is_significantly_better_than_random_on_srg(tmp_path: Path) -> None:
+    """The shipped FashionGrid model, 32 grids (about 80 image-class pairs): CAAP against method=random."""
+    fashion = ["data.limit=32", "logger=csv", "media_images=0", *(f"~metric.{m}" for m in LOCALISATION)]
+    for method in ("caap", "random"):
+        run_into(tmp_path / method, [f"method={method}", *fashion], base=[])
+    records = load_runs(tmp_path / "caap", tmp_path / "random")
+    stats = report_statistics(records)
+    (srg,) = [c for c in stats.comparisons if c.metric == "srg"]
+    assert (srg.leader, srg.verdict) == (0, "better") and srg.result.low > 0 and srg.p_holm < 0.05
+    assert stats.marks["srg"] == {0: "best"}
 
 
 def test_wandb_summary_run_holds_the_table(sweep: Path, report: dict[str, Path]) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -16,6 +18,7 @@ from caap.data import SyntheticGrid
 from caap.maps_io import load_maps
 from caap.paths import CONF_DIR
 from caap.run import evaluate
+from caap.stats import DEFAULT_SETTINGS, mean_interval
 
 FAST = ["data=synthetic", "data.limit=6", "data.batch_size=3", "model.pretrained=false", "media_images=2"]
 
@@ -71,10 +74,16 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     with open(out / "per_image.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {(int(r["index"]), int(r["class"])) for r in rows} == expected_keys
-    # each metric is the mean of its defined per-image values
+    # each metric is the mean of its defined per-image values; its CI is the image bootstrap of that mean
+    assert written["bootstrap"] == {**asdict(DEFAULT_SETTINGS), "interval": "percentile", "unit": "image"}
+    assert DEFAULT_SETTINGS.resamples >= 1000 and DEFAULT_SETTINGS.level == 0.95
+    images = np.array([int(r["index"]) for r in rows])
     for name, value in results.items():
         column = torch.tensor([float(r[name]) for r in rows], dtype=torch.float64)
         assert value == pytest.approx(float(column[column.isfinite()].mean()), rel=1e-9), name
+        low, high = written["ci"][name]
+        assert low <= value <= high and low < high, name
+        assert (low, high) == pytest.approx(mean_interval(column.numpy(), images), rel=1e-9), name
     # the stored maps are the ones scored, on their own (image, class): the mask metrics recomputed from
     # maps/ and the dataset's masks give the run's values
     keys = sorted(maps)
@@ -112,6 +121,8 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     logged = {**history, **summary}
     for name, value in results.items():
         assert float(logged[f"test/{name}"]) == pytest.approx(value, rel=1e-6)
+        ci = [float(logged[f"test/{name}/ci_{end}"]) for end in ("low", "high")]
+        assert ci == pytest.approx(written["ci"][name], rel=1e-6)
     media = {k.split("/")[0] for k in logged}
     assert {"maps", "per_image"} <= media, sorted(logged)
 

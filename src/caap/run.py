@@ -1,11 +1,13 @@
 """`evaluate(cfg)`: build the configured model, method, data, metrics, loggers and callbacks, run the loop.
 
 Outputs (a contract that reports and resumption rely on), all in `cfg.output_dir`:
-`metrics.json` (final metric values, each metric's `higher_is_better`, and run facts; written last, with
-`"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g. deletion /
-insertion), `images.safetensors` (the first `report_images` images, uint8 `[3, H, W]` by dataset index),
-`per_image.csv` (one row per image and class), `maps/` (safetensors keyed by dataset index and class, see
-`caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
+`metrics.json` (final metric values, each metric's `higher_is_better`, each value's 95% bootstrap CI under
+`ci` and the bootstrap settings under `bootstrap` (see `caap.stats`), and run facts; written last, with
+`"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g.
+deletion / insertion, with its pointwise bootstrap band `"low"`, `"high"`), `images.safetensors` (the first
+`report_images` images, uint8 `[3, H, W]` by dataset index), `per_image.csv` (one row per image and class
+with every per-pair value, which `caap.report` pairs runs on), `maps/` (safetensors keyed by dataset index and
+class, see `caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
 `layers_auto.json` (`layers=auto`'s choice and landscape), `csv/` (Lightning's CSV log) and `wandb/` (the
 offline W&B run, when the wandb logger is on). The callbacks group (conf/callbacks) writes all but the config.
 """
@@ -42,6 +44,7 @@ from caap.resume import (
     session_prefix,
     stored_maps,
 )
+from caap.stats import format_value
 from caap.sweep import job_label, job_overrides, job_position, sweep_group
 
 log = logging.getLogger(__name__)
@@ -157,15 +160,17 @@ def build_loggers(
 def print_summary(
     results: dict[str, float], metrics: dict[str, AttributionMetric], facts: dict[str, Any]
 ) -> None:
-    """The metric table and where the run's outputs are."""
+    """The metric table (value and 95% bootstrap CI from `facts["ci"]`) and where the run's outputs are."""
     console = Console()
     table = Table(title=f"{facts['method']} on {facts['data']} ({facts['num_maps']} maps)")
+    intervals = facts.get("ci") or {}
+    level = (facts.get("bootstrap") or {}).get("level", 0.95)
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column(f"value [{level:.0%} CI]" if intervals else "value", justify="right")
     table.add_column("better", justify="center")
     for name, value in results.items():
         better = "higher" if higher_is_better(name, metrics) else "lower"
-        table.add_row(name, f"{value:.4f}", better)
+        table.add_row(name, format_value(value, intervals.get(name)), better)
     console.print(table)
     # soft_wrap: paths stay on one line (rich would fold them at the terminal width), so they can be copied
     console.print(f"outputs: {facts['output_dir']}", soft_wrap=True)

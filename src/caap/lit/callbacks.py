@@ -76,10 +76,29 @@ def per_sample_rows(module: AttributionModule, class_names: list[str] | None) ->
     return [rows[k] for k in sorted(rows)]
 
 
+def curve_payload(module: AttributionModule) -> dict[str, dict[str, list[float]]]:
+    """curves.json: `{metric: {"x": [K], "y": [K], "low": [K], "high": [K]}}`, the mean curve of each curve
+    metric and its pointwise bootstrap band (`low` / `high` absent where the metric gives no band)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, (x, y) in module.curves.items():
+        out[name] = {"x": x.tolist(), "y": y.tolist()}
+        if name in module.curve_bands:
+            low, high = module.curve_bands[name]
+            out[name].update(low=low.tolist(), high=high.tolist())
+    return out
+
+
+def interval_payload(module: AttributionModule) -> dict[str, list[float]]:
+    """metrics.json's `ci`: `{result: [low, high]}` for each result with a bootstrap interval."""
+    return {name: [low, high] for name, (low, high) in module.intervals.items() if name in module.results}
+
+
 class RunOutputs(L.Callback):
     """On global rank 0: `per_image.csv` and `curves.json` at the end of the test, then `metrics.json`.
 
-    `metrics.json` holds the final values, each result's `higher_is_better`, the run facts
+    `metrics.json` holds the final values, each result's `higher_is_better`, each result's bootstrap CI
+    (`ci`: `{result: [low, high]}`, results without per-pair values absent) and how it was drawn
+    (`bootstrap`: resamples, seed, level, interval kind, resampled unit; see `caap.stats`), the run facts
     (`AttributionModule.run.facts`), `seconds` since the run started, `images_per_second`, the W&B run's folder
     and mode when W&B logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
     `on_test_end` (so after the other outputs, whatever the callbacks' order): a resumed run skips only runs
@@ -96,9 +115,8 @@ class RunOutputs(L.Callback):
         assert isinstance(pl_module, AttributionModule)
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = per_sample_rows(pl_module, pl_module.run.class_names)
-        if pl_module.curves:  # {metric: {"x": [K], "y": [K]}}: the mean curve of each curve metric
-            curves = {name: {"x": x.tolist(), "y": y.tolist()} for name, (x, y) in pl_module.curves.items()}
-            (self.folder / "curves.json").write_text(json.dumps(curves))
+        if pl_module.curves:
+            (self.folder / "curves.json").write_text(json.dumps(curve_payload(pl_module)))
         if rows:
             fields = list(dict.fromkeys(k for row in rows for k in row))
             with open(self.folder / "per_image.csv", "w", newline="") as fh:
@@ -118,6 +136,8 @@ class RunOutputs(L.Callback):
             "num_maps": self.num_maps,
             **facts,
             "higher_is_better": {name: higher_is_better(name, metrics) for name in pl_module.results},
+            "ci": interval_payload(pl_module),
+            "bootstrap": pl_module.run.bootstrap.record(),
             "seconds": seconds,
             "images_per_second": facts.get("num_images", 0) / seconds,
         }
@@ -167,7 +187,8 @@ class SampleImages(L.Callback):
 
 
 class WandbMedia(L.Callback):
-    """Logs to W&B (global rank 0): overlays of the first `num_images` maps and the per-image table."""
+    """Logs to W&B (global rank 0): overlays of the first `num_images` maps, the per-image table, and each
+    result with its bootstrap CI in the run summary (`test/<name>`, `test/<name>/ci_low`, `.../ci_high`)."""
 
     def __init__(self, num_images: int = 16) -> None:
         self.num_images = num_images
@@ -216,5 +237,8 @@ class WandbMedia(L.Callback):
             )
         for name, value in pl_module.results.items():
             logger.experiment.summary[f"test/{name}"] = value
+        for name, (low, high) in interval_payload(pl_module).items():
+            logger.experiment.summary[f"test/{name}/ci_low"] = low
+            logger.experiment.summary[f"test/{name}/ci_high"] = high
         if payload:
             logger.experiment.log(payload)

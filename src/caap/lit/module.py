@@ -15,6 +15,7 @@ from caap.batch import TARGETS, AttributionBatch, select_targets
 from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric
 from caap.models.vit import ViTClassifier
+from caap.stats import DEFAULT_SETTINGS, BootstrapSettings, mean_interval
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,15 @@ class RunInfo:
     facts: run facts for metrics.json (method, model, data, number of images, output folder, ...);
     class_names: names of the classes (per_image.csv, W&B captions), or None;
     map_prefix: file-name prefix of the map files this session writes (a resumed run's, see `caap.resume`);
-    started: `time.perf_counter()` when the run started (metrics.json's `seconds`).
+    started: `time.perf_counter()` when the run started (metrics.json's `seconds`);
+    bootstrap: how the confidence intervals of the results and the bands of the curves are drawn.
     """
 
     facts: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     map_prefix: str = ""
     started: float = field(default_factory=time.perf_counter)
+    bootstrap: BootstrapSettings = DEFAULT_SETTINGS
 
 
 class AttributionModule(L.LightningModule):
@@ -42,8 +45,10 @@ class AttributionModule(L.LightningModule):
     `target`), `pred` the model's top class. Each test step returns `{"batch": AttributionBatch, "stored": [P]}`
     for the callbacks (map writer, media). At the end of the epoch the metrics are computed across ranks into
     `self.results` (`{name: value}`), `self.per_sample` (`{name: (index [M], class [M], value [M])}`) and
-    `self.curves` (`{name: (x [K], mean curve [K])}` of curve metrics). `run` carries what the output
-    callbacks record. Run with `Trainer(inference_mode=False)`: gradient methods need autograd.
+    `self.curves` (`{name: (x [K], mean curve [K])}` of curve metrics), with the bootstrap CI of each result
+    that has per-pair values in `self.intervals` (`{name: (low, high)}`, images resampled, see `caap.stats`)
+    and the pointwise band of each mean curve in `self.curve_bands` (`{name: (low [K], high [K])}`). `run`
+    carries what the output callbacks record. Run with `Trainer(inference_mode=False)`: gradient methods need autograd.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class AttributionModule(L.LightningModule):
         self.results: dict[str, float] = {}
         self.per_sample: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.curves: dict[str, tuple[Tensor, Tensor]] = {}
+        self.intervals: dict[str, tuple[float, float]] = {}
+        self.curve_bands: dict[str, tuple[Tensor, Tensor]] = {}
         self.num_maps = 0
         self.model.requires_grad_(False)  # gradients flow to inputs only; parameters never need them
         # maps of a resumed run, `{(index, class): [gh, gw]}`: those pairs are read, not recomputed (caap.resume)
@@ -116,17 +123,28 @@ class AttributionModule(L.LightningModule):
         return {"batch": attribution, "stored": stored}
 
     def on_test_epoch_end(self) -> None:
+        settings = self.run.bootstrap
         for name, metric in self.scored_metrics.items():
             self.results[name] = float(metric.compute())
             with metric.sync_context():
                 self.per_sample[name] = metric.per_sample()
-                for key, samples in metric.extra_per_sample().items():
+                self.intervals[name] = metric.confidence_interval(settings)
+                extra = metric.extra_per_sample()
+                for key, samples in extra.items():
                     self.per_sample[f"{name}/{key}"] = samples
                 for key, value in metric.extra_results().items():
                     self.results[f"{name}/{key}"] = float(value)
-            curve = metric.curve()  # a collective call: every rank makes it
+                    if key in extra:  # a per-stage mean of per-pair values (e.g. sanity stages)
+                        index, _, values = extra[key]
+                        self.intervals[f"{name}/{key}"] = mean_interval(
+                            values.cpu().numpy(), index.cpu().numpy(), settings
+                        )
+            curve = metric.curve()  # collective calls: every rank makes them
             if curve is not None:
                 self.curves[name] = curve
+                band = metric.curve_band(settings)
+                if band is not None:
+                    self.curve_bands[name] = band
         if self.results and self.trainer.is_global_zero:
             # the values are already global (torchmetrics gathered every rank): they go to the loggers once,
             # from rank zero, not through `self.log`, whose epoch-level values under DDP must be reduced again

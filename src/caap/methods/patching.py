@@ -187,8 +187,10 @@ def patched_runs(
     branches: Collection[int] = (),
     chunk_size: int = 256,
     head_tokens_only: bool = True,
+    pairs: Tensor | None = None,
 ) -> Iterator[tuple[int, int, Tensor, dict[int, Tensor]]]:
-    """The patched runs of the (image b, patch set w) pairs `q = b * n + w`, in chunks `q0 <= q < q1`.
+    """The patched runs of the (image b, patch set w) pairs `q = b * n + w`, in chunks `q0 <= q < q1`; with
+    `pairs` `[Q, 2]` (long rows `(b, w)`) only those pairs, run q being `pairs[q]` (the estimators' refinements).
 
     The trunk starts from the neutral `prefix` `r_start` `[1 or B, T, D]` and writes the source's tokens
     (`states`: position -> `[B, N, D]`) of the patch set `masks[w]` (`[n, N]` bool) at every position in
@@ -225,11 +227,16 @@ def patched_runs(
 
     device = prefix.device
     masks = masks.to(device)
-    total, step = batch * n, max(1, int(chunk_size))
+    if pairs is not None:
+        pairs = pairs.to(device)
+    total, step = batch * n if pairs is None else pairs.shape[0], max(1, int(chunk_size))
     for q0 in range(0, total, step):
         q1 = min(total, q0 + step)
-        q = torch.arange(q0, q1, device=device)
-        b, w = q // n, q % n
+        if pairs is None:
+            q = torch.arange(q0, q1, device=device)
+            b, w = q // n, q % n
+        else:
+            b, w = pairs[q0:q1, 0], pairs[q0:q1, 1]
         rows, patch = masks[w].nonzero(as_tuple=True)  # the chunk's patched tokens, [M] each
         src_b, tok = b[rows], patch + p
         x = prefix.index_select(0, b if nb > 1 else torch.zeros_like(b))
@@ -258,8 +265,11 @@ def range_scores(
     chunk_size: int = 256,
     neutral_logits: Tensor | None = None,
     head_tokens_only: bool = True,
+    pairs: Tensor | None = None,
 ) -> dict[int, Tensor]:
-    """Scores `{stop: [B, K, n]}` of the patched runs of the ranges `(start, stop)`, `stop` in `stops`.
+    """Scores `{stop: [B, K, n]}` of the patched runs of the ranges `(start, stop)`, `stop` in `stops`; with
+    `pairs` `[Q, 2]` (rows `(image b, patch set w)`, see `patched_runs`) the scores `{stop: [Q, K]}` of those
+    runs only.
 
     Hold mode: one trunk writes through `max(stops) - 1` and branches at every other stop (about half the
     block passes of running each range on its own). Inject mode writes at `start` only, so every stop gives
@@ -278,12 +288,16 @@ def range_scores(
             neutral_logits = unpatched_logits(model, prefix, start)
         nl = neutral_logits.float()
         neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, targets)  # [B, K]
-    out = {e: torch.empty(batch * n, k, dtype=torch.float32, device=prefix.device) for e in stops}
+    if pairs is not None:
+        pairs = pairs.to(prefix.device)
+    total = batch * n if pairs is None else pairs.shape[0]
+    out = {e: torch.empty(total, k, dtype=torch.float32, device=prefix.device) for e in stops}
     runs = patched_runs(
-        model, states, prefix, masks, start, writes, stops if hold else (), chunk_size, head_tokens_only
-    )
+        model, states, prefix, masks, start, writes, stops if hold else (), chunk_size, head_tokens_only,
+        pairs,
+    )  # fmt: skip
     for q0, q1, logits, branched in runs:
-        b = torch.arange(q0, q1, device=prefix.device) // n
+        b = torch.arange(q0, q1, device=prefix.device) // n if pairs is None else pairs[q0:q1, 0]
         nt = None if neutral_t is None else neutral_t[b]
         scored: dict[int, Tensor] = {}  # by id(logits): a branch after the last write is the trunk
         for e in stops:
@@ -291,6 +305,8 @@ def range_scores(
             if id(lg) not in scored:
                 scored[id(lg)] = target_score(lg, targets[b], score, model.multilabel, nt)
             out[e][q0:q1] = scored[id(lg)]
+    if pairs is not None:
+        return out
     return {e: v.view(batch, n, k).permute(0, 2, 1) for e, v in out.items()}
 
 

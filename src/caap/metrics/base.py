@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
 from caap.batch import AttributionBatch
+from caap.stats import DEFAULT_SETTINGS, BootstrapSettings, bootstrap_statistics, percentile_interval
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,9 @@ class AttributionMetric(Metric):
     `requires_masks` those that need the dataset's ground-truth masks (checked before any map is computed);
     `requires_method` those that re-run the attribution method (`AttributionModule` sets their `method`
     when it is None). Optional capabilities with "nothing" defaults: `check_model`, `extra_results`,
-    `extra_per_sample`, `curve`.
+    `extra_per_sample`, `curve`, `curve_band`. Uncertainty: `confidence_interval` resamples images
+    (`caap.stats`) over `bootstrap_terms` and `statistic`, the mean of the finite values unless a subclass
+    estimates its value otherwise (e.g. a ratio of summed counts).
     """
 
     full_state_update = False
@@ -79,6 +83,42 @@ class AttributionMetric(Metric):
         """`(x [S], mean curve [S])` of a curve metric over the de-duplicated pairs of all ranks (a collective
         call under DDP: every rank makes it), or None (default) for a metric without a curve."""
         return None
+
+    def curve_band(self, settings: BootstrapSettings = DEFAULT_SETTINGS) -> tuple[Tensor, Tensor] | None:
+        """Pointwise bootstrap band `(low [S], high [S])` of the mean curve (a collective call under DDP, as
+        `curve`), or None (default) for a metric without a curve."""
+        return None
+
+    # -- uncertainty -----------------------------------------------------------------------------------------
+    def bootstrap_terms(self) -> tuple[Tensor, Tensor]:
+        """`(index [M], terms [M, T])` of the de-duplicated pairs such that the metric's value is
+        `statistic(terms.sum(0))`. Default: `(value, 1)` of finite values, `(0, 0)` of NaN ones (the mean over
+        the finite values, as `compute`). Made where `per_sample` is (inside `sync_context` under DDP)."""
+        index, _, values = self.per_sample()
+        finite = torch.isfinite(values)
+        terms = torch.stack([torch.where(finite, values, torch.zeros_like(values)), finite.double()], -1)
+        return index, terms
+
+    def statistic(self, sums: Tensor) -> Tensor:
+        """The metric's value `[...]` from summed `bootstrap_terms` `[..., T]` (default: sum / count, NaN for
+        no count)."""
+        count = sums[..., 1]
+        return torch.where(count > 0, sums[..., 0] / count.clamp_min(1), torch.full_like(count, float("nan")))
+
+    def confidence_interval(self, settings: BootstrapSettings = DEFAULT_SETTINGS) -> tuple[float, float]:
+        """Percentile bootstrap CI `(low, high)` of the metric's value: images (dataset indices) resampled with
+        replacement, all their pairs taken (`caap.stats.bootstrap`); NaN bounds without values. Made where
+        `per_sample` is (inside `sync_context` under DDP)."""
+        index, terms = self.bootstrap_terms()
+        if index.numel() == 0:
+            return float("nan"), float("nan")
+
+        def value_of(sums: np.ndarray) -> np.ndarray:
+            return self.statistic(torch.from_numpy(sums)).numpy()
+
+        samples = bootstrap_statistics(index.cpu().numpy(), terms.cpu().double().numpy(), value_of, settings)
+        low, high = percentile_interval(samples, settings.level)
+        return float(low), float(high)
 
     def _append(self, values: Tensor, batch: AttributionBatch) -> Tensor:
         """Store per-pair `values` `[P]` with the batch's (index, class) keys; returns them as float64."""

@@ -30,6 +30,8 @@ from caap.metrics.base import AttributionMetric
 from caap.metrics.functional.faithfulness import unperturbed_outcomes
 from caap.models.vit import ViTClassifier
 from caap.scores import Outcomes
+from caap.stats import DEFAULT_SETTINGS, BootstrapSettings
+from caap.stats import curve_band as bootstrap_curve_band
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +197,10 @@ class CurveMetric(AttributionMetric):
         if not finite.any():
             return x, torch.full((x.numel(),), float("nan"), dtype=torch.float64)
         return x, curves[finite].mean(0).cpu()
+
+    def curve_band(self, settings: BootstrapSettings = DEFAULT_SETTINGS) -> tuple[Tensor, Tensor]:
+        """Pointwise percentile band `(low [S], high [S])` of `curve()`'s mean curve: images resampled with
+        replacement, the same draws for every point (`caap.stats.curve_band`); NaN without a finite curve."""
+        index, _, curves = self.per_sample_curves()
+        low, high = bootstrap_curve_band(curves.cpu().numpy(), index.cpu().numpy(), settings)
+        return torch.from_numpy(low), torch.from_numpy(high)

@@ -237,6 +237,7 @@ class _GurCounts(_Segmentation):
         raise NotImplementedError
 
     def _dataset(self, counts: Tensor) -> Tensor:
+        """The value `[...]` of summed counts `[..., 6]`."""
         raise NotImplementedError
 
     def _counts(self, batch: AttributionBatch) -> Tensor:
@@ -271,6 +272,20 @@ class _GurCounts(_Segmentation):
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self._dataset(counts[finite].sum(0)).reshape(()).cpu()
 
+    def bootstrap_terms(self) -> tuple[Tensor, Tensor]:
+        """`(index [M], counts [M, 6])` of the de-duplicated pairs, rows with a NaN / inf entry zeroed (left out
+        of the sums, as in `compute`): the value is a ratio of summed counts, resampled as such."""
+        if not _nonempty(self.values):
+            return torch.zeros(0).long(), torch.zeros(0, 6, dtype=torch.float64)
+        index, _, order = self._dedup_order()
+        counts = _cat(self.counts).reshape(-1, 6)[order].double()
+        finite = torch.isfinite(counts).all(1, keepdim=True)
+        return index, torch.where(finite, counts, torch.zeros_like(counts))
+
+    def statistic(self, sums: Tensor) -> Tensor:
+        """The dataset-level value `[...]` of summed counts `[..., 6]`."""
+        return self._dataset(sums)
+
 
 class SegmentationPixelAccuracy(_GurCounts):
     """Pixel accuracy of the mean-thresholded map (Gur et al., AAAI 2021; Chefer et al., CVPR 2021).
@@ -283,7 +298,7 @@ class SegmentationPixelAccuracy(_GurCounts):
         return pixel_accuracy(counts[:, 0], counts[:, 1])
 
     def _dataset(self, counts: Tensor) -> Tensor:
-        return pixel_accuracy(counts[0], counts[1])
+        return pixel_accuracy(counts[..., 0], counts[..., 1])
 
 
 class SegmentationMIoU(_GurCounts):
@@ -297,7 +312,7 @@ class SegmentationMIoU(_GurCounts):
         return mean_iou(counts[:, 2:4], counts[:, 4:6])
 
     def _dataset(self, counts: Tensor) -> Tensor:
-        return mean_iou(counts[2:4], counts[4:6])
+        return mean_iou(counts[..., 2:4], counts[..., 4:6])
 
 
 class SegmentationMAP(_Segmentation):

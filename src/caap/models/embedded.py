@@ -75,7 +75,9 @@ FASHIONGRID = EmbeddedModel(
 )
 FASHIONSCENES = EmbeddedModel(
     name="vit_fashionscenes_patch14_112",
-    arch=dict(img_size=112, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10),
+    arch=dict(
+        img_size=112, patch_size=14, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, num_classes=10
+    ),
     mean=(0.5, 0.5, 0.5),  # the scenes' pixel statistics: mean ~0.48, std ~0.26 per channel
     std=(0.25, 0.25, 0.25),
 )

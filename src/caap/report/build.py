@@ -1,4 +1,5 @@
-"""`build_report(dir)`: read the runs, write report.md, report.csv and report.html, log to W&B."""
+"""`build_report(dir)`: read the runs, compare them (`caap.report.comparison`), write report.md, report.csv,
+comparisons.csv and report.html, log to W&B."""
 
 from __future__ import annotations
 
@@ -7,20 +8,33 @@ from collections import defaultdict
 from pathlib import Path
 
 from caap.report import figures as fig
+from caap.report.comparison import ReportStatistics
 from caap.report.page import render_page
 from caap.report.runs import RunRecord, load_runs
-from caap.report.table import higher_is_better, metric_names, to_csv, to_markdown
+from caap.report.table import (
+    LEGEND,
+    comparisons_csv,
+    higher_is_better,
+    metric_names,
+    report_statistics,
+    to_csv,
+    to_markdown,
+)
 
 log = logging.getLogger(__name__)
 
 
 def make_figures(
-    records: list[RunRecord], rank_by: str | None = None, gallery_maps: int = 6
+    records: list[RunRecord],
+    rank_by: str | None = None,
+    gallery_maps: int = 6,
+    stats: ReportStatistics | None = None,
 ) -> dict[str, list[tuple[str, bytes]]]:
     """`{section: [(caption, png)]}`: layer-range heatmaps (CAAP runs over at least two ranges, one figure per
-    otherwise-equal variant), mean curves, and the map gallery of each method's best run by `rank_by` (default:
-    the first metric)."""
+    otherwise-equal variant; the marks of `stats` boxed), mean curves, and the map gallery of each method's
+    best run by `rank_by` (default: the first metric)."""
     higher = higher_is_better(records)
+    stats = stats or report_statistics(records)
     sections: dict[str, list[tuple[str, bytes]]] = {"Layer ranges": [], "Curves": [], "Maps": []}
     variants: dict[str, list[RunRecord]] = defaultdict(list)
     for r in records:
@@ -28,9 +42,15 @@ def make_figures(
             variants[r.variant].append(r)
     for variant, runs in variants.items():
         if len({r.layer_range for r in runs}) >= 2:
-            caption = f"{variant}: metric by CAAP layer range (start x stop, positions 0..{runs[0].depth}); best boxed"
+            caption = (
+                f"{variant}: metric by CAAP layer range (start x stop, positions 0..{runs[0].depth}); "
+                "significantly best boxed (solid), tied leaders dashed"
+            )
+            marks = {
+                m: {records[i].path: mark for i, mark in by_run.items()} for m, by_run in stats.marks.items()
+            }
             sections["Layer ranges"].append(
-                (caption, fig.png_bytes(fig.layer_heatmaps(runs, higher, variant)))
+                (caption, fig.png_bytes(fig.layer_heatmaps(runs, higher, variant, marks)))
             )
     curves = fig.curve_figure(records, higher)
     if curves is not None:
@@ -64,24 +84,31 @@ def build_report(
 ) -> dict[str, Path]:
     """Write `report.md`, `report.csv` and `report.html` for the run or multirun folder `source` (or several,
     reported together) into `out_dir` (default `<first source>/report`), and log the table and figures to a
-    W&B summary run (`wandb`). Returns the written paths (`md`, `csv`, `html`, and `wandb` when logged)."""
+    W&B summary run (`wandb`). Returns the written paths (`md`, `csv`, `comparisons`, `html`, and `wandb`
+    when logged)."""
     sources = [Path(s) for s in (source if isinstance(source, list) else [source])]
     source = sources[0]
     out = Path(out_dir) if out_dir is not None else source / "report"
     records = load_runs(*sources)
     out.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(records, rank_by, gallery_maps)
+    stats = report_statistics(records)
+    figures = make_figures(records, rank_by, gallery_maps, stats)
     title = "caap report: " + " + ".join(s.resolve().name for s in sources)
     where = ", ".join(str(s) for s in sources)
-    paths = {"md": out / "report.md", "csv": out / "report.csv", "html": out / "report.html"}
+    paths = {
+        "md": out / "report.md",
+        "csv": out / "report.csv",
+        "comparisons": out / "comparisons.csv",
+        "html": out / "report.html",
+    }
     paths["md"].write_text(
-        f"# {title}\n\n{len(records)} runs from `{where}`; best per metric in bold.\n\n"
-        + to_markdown(records)
+        f"# {title}\n\n{len(records)} runs from `{where}`; {LEGEND}.\n\n" + to_markdown(records, stats)
     )
-    paths["csv"].write_text(to_csv(records))
-    paths["html"].write_text(render_page(title, where, records, figures))
+    paths["csv"].write_text(to_csv(records, stats))
+    paths["comparisons"].write_text(comparisons_csv(records, stats))
+    paths["html"].write_text(render_page(title, where, records, figures, stats))
     if wandb:
         from caap.report.wandb_summary import log_summary
 
-        paths["wandb"] = log_summary(records, source, out, figures)
+        paths["wandb"] = log_summary(records, source, out, figures, stats)
     return paths

@@ -7,6 +7,7 @@ import io
 import math
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -63,9 +64,15 @@ def layer_grid(records: Sequence[RunRecord], metric: str, depth: int) -> np.ndar
     return grid
 
 
-def layer_heatmaps(records: Sequence[RunRecord], higher: dict[str, bool], title: str = "") -> Figure:
-    """One heatmap per metric of CAAP runs that differ in their layer range: start x stop -> value, the best
-    cell boxed; brighter is better (the colormap is reversed for lower-is-better metrics)."""
+def layer_heatmaps(
+    records: Sequence[RunRecord],
+    higher: dict[str, bool],
+    title: str = "",
+    marks: dict[str, dict[Path, str]] | None = None,
+) -> Figure:
+    """One heatmap per metric of CAAP runs that differ in their layer range: start x stop -> value; cells of
+    runs `marks` calls 'best' (significantly, see `caap.report.comparison`) boxed solid, 'tied' leaders dashed;
+    brighter is better (the colormap is reversed for lower-is-better metrics)."""
     depth = max(r.depth for r in records if r.depth is not None)
     metrics = list(dict.fromkeys(m for r in records for m in r.metrics))
     size = 0.45 * (depth + 1) + 1.6
@@ -77,10 +84,15 @@ def layer_heatmaps(records: Sequence[RunRecord], higher: dict[str, bool], title:
         grid = layer_grid(records, metric, depth)
         image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis" if up else "viridis_r", origin="upper")
         fig.colorbar(image, ax=ax, shrink=0.8)
-        if np.isfinite(grid).any():
-            best = np.nanargmax(grid) if up else np.nanargmin(grid)
-            r, c = np.unravel_index(best, grid.shape)
-            ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+        for record in records:
+            mark = (marks or {}).get(metric, {}).get(record.path)
+            if mark and record.layer_range is not None:
+                r, c = record.layer_range[0], record.layer_range[1] - 1
+                style = "solid" if mark == "best" else "dashed"
+                box = plt.Rectangle(
+                    (c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2, linestyle=style
+                )
+                ax.add_patch(box)
         if depth <= 12:
             for (r, c), v in np.ndenumerate(grid):
                 if np.isfinite(v):

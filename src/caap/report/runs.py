@@ -1,13 +1,14 @@
 """Reading run folders (the contract of `caap.run`) into `RunRecord`s for reports.
 
-A run folder holds `metrics.json` (values, `higher_is_better`, facts), `curves.json` (mean curves of curve
-metrics), `config.yaml` (the resolved config), `.hydra/` (Hydra's config, overrides and group choices),
+A run folder holds `metrics.json` (values, `higher_is_better`, bootstrap CIs, facts), `curves.json` (mean
+curves of curve metrics with their bands), `per_image.csv` (every per-pair value), `config.yaml` (the resolved config), `.hydra/` (Hydra's config, overrides and group choices),
 `maps/` (safetensors, `caap.maps_io`) and `images.safetensors` (a few evaluated images). A multirun folder
 holds one run folder per job (and `multirun.yaml`).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from caap.models.layers import resolve_layer_range
@@ -24,6 +26,42 @@ log = logging.getLogger(__name__)
 
 #: override keys that never tell runs apart in a label (paths, loggers, progress bars)
 IGNORED_KEYS = ("hydra.", "output_dir", "logger", "trainer.enable_progress_bar", "experiment", "debug")
+
+
+@dataclass
+class PairValues:
+    """A run's per-pair values (its `per_image.csv`): dataset `index [M]` and `cls [M]` sorted by (index,
+    class), and `values` `{result: [M]}` (NaN where undefined or absent)."""
+
+    index: np.ndarray
+    cls: np.ndarray
+    values: dict[str, np.ndarray]
+
+    def same_pairs(self, other: PairValues) -> bool:
+        """Whether both runs scored exactly the same (index, class) pairs."""
+        return np.array_equal(self.index, other.index) and np.array_equal(self.cls, other.cls)
+
+
+def _number(text: Any) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_pairs(folder: Path) -> PairValues | None:
+    """The `PairValues` of `folder/per_image.csv`, or None for a run folder without one."""
+    path = folder / "per_image.csv"
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = [c for c in (rows[0] if rows else {}) if c not in ("index", "class", "class_name")]
+    index = np.array([int(r["index"]) for r in rows], dtype=np.int64)
+    cls = np.array([int(r["class"]) for r in rows], dtype=np.int64)
+    order = np.lexsort((cls, index))
+    values = {c: np.array([_number(r.get(c)) for r in rows], dtype=np.float64)[order] for c in columns}
+    return PairValues(index[order], cls[order], values)
 
 
 @dataclass
@@ -38,6 +76,9 @@ class RunRecord:
         metrics: `{metric: value}`.
         higher_is_better: `{metric: bool}` (True where metrics.json does not say).
         curves: `{metric: (x [K], y [K])}` mean curves of curve metrics.
+        ci: `{metric: (low, high)}` bootstrap CIs of the values (metrics.json `ci`; empty for older runs).
+        curve_bands: `{metric: (low [K], high [K])}` pointwise bootstrap bands of the mean curves.
+        pairs: the per-pair values (`per_image.csv`), None for a run folder without them.
         facts: the other entries of metrics.json (num_maps, seconds, ...).
         layer_range: CAAP's resolved `(start, stop)` over residual positions 0..L, else None.
         depth: the model's number of blocks L when known.
@@ -52,6 +93,9 @@ class RunRecord:
     higher_is_better: dict[str, bool]
     curves: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    curve_bands: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    pairs: PairValues | None = None
     layer_range: tuple[int, int] | None = None
     depth: int | None = None
     label: str = ""
@@ -103,10 +147,11 @@ def read_run(folder: Path) -> RunRecord:
     metrics = {k: float(v) if v is not None else math.nan for k, v in written.pop("metrics", {}).items()}
     higher = {k: bool(written.get("higher_is_better", {}).get(k, True)) for k in metrics}
     written.pop("higher_is_better", None)
+    ci = {k: (_number(v[0]), _number(v[1])) for k, v in (written.pop("ci", None) or {}).items()}
     curves_file = folder / "curves.json"
-    curves = {}
-    if curves_file.is_file():
-        curves = {k: (v["x"], v["y"]) for k, v in json.loads(curves_file.read_text()).items()}
+    stored = json.loads(curves_file.read_text()) if curves_file.is_file() else {}
+    curves = {k: (v["x"], v["y"]) for k, v in stored.items()}
+    bands = {k: (v["low"], v["high"]) for k, v in stored.items() if "low" in v and "high" in v}
     layer_range, depth = _layer_range(config)
     return RunRecord(
         path=folder,
@@ -117,6 +162,9 @@ def read_run(folder: Path) -> RunRecord:
         higher_is_better=higher,
         curves=curves,
         facts=written,
+        ci=ci,
+        curve_bands=bands,
+        pairs=read_pairs(folder),
         layer_range=layer_range,
         depth=depth,
     )

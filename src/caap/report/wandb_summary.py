@@ -13,8 +13,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from caap.report.comparison import ReportStatistics
 from caap.report.runs import RunRecord
-from caap.report.table import best_runs, metric_names
+from caap.report.table import metric_names, report_statistics
 
 TABLE_KEY = "report/table"
 
@@ -28,16 +29,19 @@ def summary_group(records: Sequence[RunRecord], source: Path) -> str:
     return f"{source.parent.name}/{source.name}" if source.parent.name[:2].isdigit() else source.name
 
 
-def table_rows(records: Sequence[RunRecord]) -> tuple[list[str], list[list]]:
-    """Columns and rows of the W&B table: run, method, layers_start, layers_stop, metrics, best flags."""
+def table_rows(
+    records: Sequence[RunRecord], stats: ReportStatistics | None = None
+) -> tuple[list[str], list[list]]:
+    """Columns and rows of the W&B table: run, method, layers_start, layers_stop, metrics, best flags (True
+    only where significantly best, see `caap.report.comparison`)."""
+    stats = stats or report_statistics(records)
     names = metric_names(records)
-    best = best_runs(records)
     columns = ["run", "method", "layers_start", "layers_stop", *names, *(f"best_{n}" for n in names)]
     rows = []
     for i, r in enumerate(records):
         start, stop = r.layer_range or (None, None)
         values = [r.metrics.get(n) if math.isfinite(r.metrics.get(n, math.nan)) else None for n in names]
-        rows.append([r.label, r.method, start, stop, *values, *(i in best[n] for n in names)])
+        rows.append([r.label, r.method, start, stop, *values, *(stats.mark(n, i) == "best" for n in names)])
     return columns, rows
 
 
@@ -46,10 +50,13 @@ def log_summary(
     source: Path,
     out_dir: Path,
     figures: dict[str, list[tuple[str, bytes]]],
+    stats: ReportStatistics | None = None,
     project: str | None = None,
 ) -> Path:
-    """Log the table (`report/table`) and figures (`report/<section>/<i>`) to a new W&B run; returns its
-    folder (`out_dir/wandb/<offline-run-...>`)."""
+    """Log the table (`report/table`) and figures (`report/<section>/<i>`) to a new W&B run, with the
+    significantly best run of each metric in the summary (`best/<metric>`, `best/<metric>_value`; none where
+    the leaders are tied); returns its folder (`out_dir/wandb/<offline-run-...>`)."""
+    stats = stats or report_statistics(records)
     import wandb
     from PIL import Image
 
@@ -66,17 +73,18 @@ def log_summary(
         reinit="create_new",
     )
     try:
-        columns, rows = table_rows(records)
+        columns, rows = table_rows(records, stats)
         payload: dict[str, object] = {TABLE_KEY: wandb.Table(columns=list(columns), data=rows)}
         for section, items in figures.items():
             slug = section.lower().replace(" ", "_").replace("/", "_")
             for i, (caption, png) in enumerate(items):
                 payload[f"report/{slug}/{i}"] = wandb.Image(Image.open(io.BytesIO(png)), caption=caption)
         run.log(payload)
-        for name, indices in best_runs(records).items():
-            if indices:
-                run.summary[f"best/{name}"] = records[indices[0]].label
-                run.summary[f"best/{name}_value"] = records[indices[0]].metrics[name]
+        for name, marks in stats.marks.items():
+            for i, mark in marks.items():
+                if mark == "best":
+                    run.summary[f"best/{name}"] = records[i].label
+                    run.summary[f"best/{name}_value"] = records[i].metrics[name]
         return Path(run.dir).parent
     finally:
         run.finish()
