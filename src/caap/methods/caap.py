@@ -24,6 +24,8 @@ from caap.methods.base import AttributionMethod
 from caap.methods.option_checks import check_choice
 from caap.methods.patching import (
     MODES,
+    ChunkSize,
+    PatchLayout,
     compute_dtype,
     group_rows_by_image,
     neutral_states,
@@ -64,6 +66,11 @@ class CAAP(AttributionMethod):
             `memory_budget_mb`.
         head_tokens_only: when the head reads only prefix tokens (CLS pooling), compute the last block for
             those tokens only (exact; a speed option).
+        compile: run the blocks of the patched runs under `torch.compile` (`dynamic=False`, chunks of one
+            size, the last padded); equal to the eager maps up to float rounding; each new chunk shape
+            compiles once.
+
+    A chunk that runs out of CUDA memory is halved and retried; the halved size is kept for later batches.
     """
 
     requires_grad = False
@@ -80,6 +87,7 @@ class CAAP(AttributionMethod):
         chunk_size: int | None = None,
         memory_budget_mb: float | None = None,
         head_tokens_only: bool = True,
+        compile: bool = False,
     ) -> None:
         self.start = start
         self.stop = stop
@@ -101,6 +109,11 @@ class CAAP(AttributionMethod):
         self.chunk_size = chunk_size
         self.memory_budget_mb = memory_budget_mb
         self.head_tokens_only = bool(head_tokens_only)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be true or false")
+        self.compile = compile
+        # the largest chunk that fitted after a CUDA out-of-memory error (None: no error yet)
+        self._chunk_cap: int | None = None
         self.neutral = build_reference(neutral)
         # (weak reference to the model, key, per neutral sample {start: r_start [1, T, D]}, logits [S, 1, C])
         self._cache: tuple[weakref.ref, Hashable, list[dict[int, Tensor]], Tensor] | None = None
@@ -115,7 +128,7 @@ class CAAP(AttributionMethod):
         return (
             f"CAAP(start={self.start}, stop={self.stop}, mode={self.mode!r}, score={self.score!r}, "
             f"window={self.window}, neutral={self.neutral!r}, chunk_size={self.chunk_size}, "
-            f"memory_budget_mb={self.memory_budget_mb})"
+            f"memory_budget_mb={self.memory_budget_mb}, compile={self.compile})"
         )
 
     def layer_range(self, model: ViTClassifier) -> tuple[int, int]:
@@ -140,9 +153,10 @@ class CAAP(AttributionMethod):
         self.start, self.stop = start, stop
 
     def chunk_for(self, model: ViTClassifier, images: Tensor) -> int:
-        """The chunk size (patched sequences per pass) used for these images."""
+        """The chunk size (patched sequences per pass) used for these images: from `chunk_size` or the memory
+        budget, at most the size that fitted after an out-of-memory error."""
         gh, gw = model.grid_size(images)
-        return resolve_chunk_size(
+        chunk = resolve_chunk_size(
             model,
             gh * gw + model.num_prefix_tokens,
             self.chunk_size,
@@ -150,6 +164,7 @@ class CAAP(AttributionMethod):
             images.device,
             compute_dtype(model, images.device),
         )
+        return chunk if self._chunk_cap is None else min(chunk, self._chunk_cap)
 
     def _neutral(
         self, model: ViTClassifier, images: Tensor, starts: Sequence[int]
@@ -194,14 +209,16 @@ class CAAP(AttributionMethod):
         Yields as each start is done: by start, then stop (the order of `all_layer_ranges`).
         """
         gh, gw = model.grid_size(images)
-        masks, index = window_masks(gh, gw, self.window, images.device)
+        masks, index = window_masks(gh, gw, self.window)  # on the CPU: the layout needs no device read-back
+        layout = PatchLayout.of(masks, images.device)
+        index = index.to(images.device, non_blocking=True)
         starts = sorted({s for s, _ in ranges})
         with torch.no_grad():
             unique, targets, inverse, slot = group_rows_by_image(images, target)
             positions = {j for s, e in ranges for j in patch_positions(s, e, self.mode)}
             states = source_states(model, unique, positions)
             prefixes, logits = self._neutral(model, unique, starts)
-            chunk = self.chunk_for(model, unique)
+            chunk = ChunkSize(self.chunk_for(model, unique))
         # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
         for start in starts:
             stops = sorted({e for s, e in ranges if s == start})
@@ -209,10 +226,12 @@ class CAAP(AttributionMethod):
             with torch.no_grad():
                 for at, nl in zip(prefixes, logits, strict=True):
                     scores = range_scores(
-                        model, states, at[start], targets, masks, start, stops, self.mode, self.score, chunk,
-                        nl, self.head_tokens_only,
+                        model, states, at[start], targets, layout, start, stops, self.mode, self.score, chunk,
+                        nl, self.head_tokens_only, self.compile,
                     )  # fmt: skip
                     total = scores if not total else {e: total[e] + scores[e] for e in stops}
+            if chunk.oom_from is not None:  # later batches start at the size that fitted
+                self._chunk_cap = chunk.size
             for e in stops:
                 maps = (total[e] / len(prefixes))[inverse, slot][:, index]
                 yield (start, e), maps.view(images.shape[0], gh, gw)
