@@ -179,3 +179,37 @@ def test_layers_auto_needs_caap(compose_cfg) -> None:
         ValueError, match=r"layers=auto chooses a layer range, but method=\S+Gradient has none"
     ):
         evaluate(compose_cfg(*AUTO, "method=gradient"))
+
+
+class AutocastRecorder(AttributionMetric):
+    """A `select_by` metric for tests: records the autocast dtype (None: off) it is updated under."""
+
+    seen: ClassVar[set[torch.dtype | None]] = set()
+    higher_is_better = False
+
+    def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        on = torch.is_autocast_enabled("cpu")
+        AutocastRecorder.seen.add(torch.get_autocast_dtype("cpu") if on else None)
+        return batch.maps.flatten(1).std(1)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", None), ("bf16-mixed", torch.bfloat16)])
+def test_layers_auto_calibrates_in_the_trainer_precision(compose_cfg, precision, dtype) -> None:
+    """The calibration runs outside Lightning: it maps and scores in the autocast of `trainer.precision`, as
+    the run's test loop then does."""
+    from hydra.utils import instantiate
+
+    from caap.layer_selection import select_layer_range
+
+    cfg = compose_cfg(
+        *(o for o in AUTO if not o.lstrip("+").startswith("layers.select_by")),
+        "layers.select_by._target_=test_layer_selection.AutocastRecorder",
+        "~layers.select_by.score",
+        "trainer.accelerator=cpu",
+        f"trainer.precision={precision}",
+    )
+    model = instantiate(cfg.model)
+    dataset = instantiate(cfg.data.dataset, image_size=28)
+    AutocastRecorder.seen.clear()
+    select_layer_range(cfg, instantiate(cfg.method), model, dataset, [0, 1], progress=False)
+    assert AutocastRecorder.seen == {dtype}

@@ -10,6 +10,7 @@ method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -89,6 +90,22 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
+#: Lightning's mixed-precision settings and the autocast dtype each runs the test loop in.
+_AUTOCAST = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
+}
+
+
+def trainer_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast the Trainer of `cfg` computes the maps in (`trainer.precision`), so that the calibration
+    scores the ranges in the precision the run then maps in; a no-op for 32-true."""
+    dtype = _AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def choose_layer_range(
     cfg: DictConfig,
     method: AttributionMethod,
@@ -149,6 +166,7 @@ def select_layer_range(
         batch_size=int(auto.get("batch_size") or cfg.data.batch_size),
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
+        pin_memory=device.type == "cuda",  # with the non_blocking copies below
     )
     # rich, like Lightning's test bar (tqdm is not a dependency of caap)
     with Progress(disable=not progress, transient=False) as bar:
@@ -158,14 +176,17 @@ def select_layer_range(
         for batch in loader:
             if batch is None:
                 continue
-            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = {
+                k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+            }
             rows, classes = select_targets(batch, cfg.target, model)
-            for (start, stop), maps in method.range_maps(model, batch["image"][rows], classes, ranges):
-                with torch.no_grad():
-                    metrics[(start, stop)].update(
-                        AttributionBatch.from_data(batch, rows, classes, maps), model
-                    )
-                bar.advance(task)
+            with trainer_autocast(cfg, device):
+                for (start, stop), maps in method.range_maps(model, batch["image"][rows], classes, ranges):
+                    with torch.no_grad():
+                        metrics[(start, stop)].update(
+                            AttributionBatch.from_data(batch, rows, classes, maps), model
+                        )
+                    bar.advance(task)
     landscape = [{"start": s, "stop": e, "value": float(metrics[(s, e)].compute())} for s, e in ranges]
     higher = bool(metric_template.higher_is_better)
     finite = [row for row in landscape if row["value"] == row["value"]]  # NaN: undefined on every image
