@@ -181,6 +181,41 @@ def test_layers_auto_needs_caap(compose_cfg) -> None:
         evaluate(compose_cfg(*AUTO, "method=gradient"))
 
 
+def test_screen_top_k_scores_only_the_best_screened_ranges_exactly(compose_cfg) -> None:
+    """`layers.screen_top_k=k`: every range gets a screened value (gradient-estimated maps), only the k best
+    screened ranges an exact value, equal to the full landscape's value there; the choice is the best of
+    those; k >= the number of ranges is no screening."""
+    from hydra.utils import instantiate
+
+    from caap.layer_selection import select_layer_range
+    from caap.run import build_datamodule
+
+    cfg = compose_cfg(*AUTO, "method.score=delta", "layers.screen_top_k=3")
+    model = instantiate(cfg.model)
+    method = instantiate(cfg.method)
+    dataset = build_datamodule(cfg, model).dataset
+    calib = [62, 63]
+    screened = select_layer_range(cfg, method, model, dataset, calib, progress=False)
+    cfg.layers.screen_top_k = None
+    full = select_layer_range(cfg, method, model, dataset, calib, progress=False)
+    assert "screened" not in full.landscape[0]
+    scored = [r for r in screened.landscape if r["value"] == r["value"]]
+    assert len(scored) == 3 and len(screened.landscape) == len(full.landscape)
+    best_screened = sorted(r["screened"] for r in screened.landscape)[:3]  # MIF: lower is better
+    assert sorted(r["screened"] for r in scored) == best_screened
+    exact = {(r["start"], r["stop"]): r["value"] for r in full.landscape}
+    for r in scored:
+        assert r["value"] == pytest.approx(exact[(r["start"], r["stop"])], rel=1e-6)
+    assert screened.value == min(r["value"] for r in scored)
+    cfg.layers.screen_top_k = 28
+    assert (
+        "screened" not in select_layer_range(cfg, method, model, dataset, calib, progress=False).landscape[0]
+    )
+    cfg.layers.screen_top_k = 0
+    with pytest.raises(ValueError, match=r"layers\.screen_top_k=0"):
+        select_layer_range(cfg, method, model, dataset, calib, progress=False)
+
+
 class AutocastRecorder(AttributionMetric):
     """A `select_by` metric for tests: records the autocast dtype (None: off) it is updated under."""
 

@@ -56,7 +56,8 @@ class AutoLayersConfig(LayersConfig):
     """`layers=auto`: the range is chosen on calibration images (see `caap.layer_selection`).
 
     `select_by` is a metric config (`_target_` an `AttributionMetric`); `start`/`stop` are replaced by the
-    chosen range before the method is built. `batch_size: null` uses `data.batch_size`.
+    chosen range before the method is built. `batch_size: null` uses `data.batch_size`. `screen_top_k: k`
+    scores every range on cheap estimated maps first and only the k best on exact maps (null: all exact).
     """
 
     name: str = "auto"
@@ -65,6 +66,7 @@ class AutoLayersConfig(LayersConfig):
     select_by: Any = MISSING
     calibration_images: int = 32
     batch_size: int | None = None
+    screen_top_k: int | None = None
 
 
 @dataclass

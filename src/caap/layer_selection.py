@@ -5,7 +5,9 @@ method offers (`AttributionMethod.layer_ranges`) on a calibration split with a c
 any `AttributionMetric` config; its `higher_is_better` says which way is better) and keeps the best. The
 calibration images are the last `layers.calibration_images` images of the dataset; they are removed from the
 evaluated images, so calibration and evaluation never share an image. The maps of every range come from the
-method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`).
+method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`). With
+`layers.screen_top_k = k`, every range is first scored on the method's cheap estimated maps
+(`estimated_range_maps`: CAAP's gradient estimate) and only the k best are scored on exact maps.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,45 @@ def choose_layer_range(
     return selection
 
 
+def screen_top_k(auto: DictConfig, num_ranges: int) -> int | None:
+    """`layers.screen_top_k` checked (an integer >= 1, or null = no screening); None when it would keep every
+    range (screening would only add work)."""
+    k = auto.get("screen_top_k")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"layers.screen_top_k={k!r} must be an integer >= 1 or null (no screening)")
+    return k if k < num_ranges else None
+
+
+def _score_ranges(
+    maps_of: Callable[..., Iterator[tuple[tuple[int, int], Tensor]]],
+    select_by: Any,
+    cfg: DictConfig,
+    model: ViTClassifier,
+    loader: DataLoader,
+    ranges: Sequence[tuple[int, int]],
+    device: torch.device,
+    bar: Progress,
+    label: str,
+) -> dict[tuple[int, int], float]:
+    """`select_by`'s value of the maps `maps_of(model, images, classes, ranges)` yields, per range."""
+    metrics = {r: instantiate(select_by).to(device) for r in ranges}
+    images = len(loader.dataset)  # type: ignore[arg-type]
+    task = bar.add_task(f"{label}: {len(ranges)} ranges x {images} images", total=len(loader) * len(ranges))
+    for batch in loader:
+        if batch is None:
+            continue
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        rows, classes = select_targets(batch, cfg.target, model)
+        with trainer_autocast(cfg, device):  # the run's precision (this loop is outside Lightning's)
+            for r, maps in maps_of(model, batch["image"][rows], classes, ranges):
+                with torch.no_grad():
+                    metrics[r].update(AttributionBatch.from_data(batch, rows, classes, maps), model)
+                bar.advance(task)
+    return {r: float(metrics[r].compute()) for r in ranges}
+
+
 def select_layer_range(
     cfg: DictConfig,
     method: AttributionMethod,
@@ -152,43 +193,50 @@ def select_layer_range(
     progress: bool = True,
 ) -> LayerSelection:
     """Score every range of `method.layer_ranges(model)` on the images `calib` of `dataset` with
-    `cfg.layers.select_by`; return the best (ties: the first in `layer_ranges` order)."""
+    `cfg.layers.select_by`; return the best (ties: the first in `layer_ranges` order).
+
+    With `layers.screen_top_k = k`, the ranges are first scored on `method.estimated_range_maps` and only the k
+    best of them (ties: sweep order) on exact maps; the landscape's `value` is NaN for the others and every row
+    has its `screened` value."""
     started = time.perf_counter()
     auto = cfg.layers
     metric_template: AttributionMetric = instantiate(auto.select_by)
     name = metric_template.name
+    higher = bool(metric_template.higher_is_better)
     device = _device(cfg)
     model = model.to(device).eval()
     ranges = method.layer_ranges(model)
-    metrics = {r: instantiate(auto.select_by).to(device) for r in ranges}
+    top_k = screen_top_k(auto, len(ranges))
     loader = DataLoader(
         Subset(dataset, calib),
         batch_size=int(auto.get("batch_size") or cfg.data.batch_size),
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
-        pin_memory=device.type == "cuda",  # with the non_blocking copies below
+        pin_memory=device.type == "cuda",  # with the non_blocking copies of `_score_ranges`
     )
+    screened: dict[tuple[int, int], float] = {}
+    exact_ranges = list(ranges)
     # rich, like Lightning's test bar (tqdm is not a dependency of caap)
     with Progress(disable=not progress, transient=False) as bar:
-        task = bar.add_task(
-            f"layers=auto: {len(ranges)} ranges x {len(calib)} images", total=len(loader) * len(ranges)
+        if top_k is not None:
+            screened = _score_ranges(
+                method.estimated_range_maps, auto.select_by, cfg, model, loader, ranges, device, bar,
+                "layers=auto screening",
+            )  # fmt: skip
+            sign = -1.0 if higher else 1.0  # sort best first; NaN (undefined) last; ties keep sweep order
+            order = sorted(
+                range(len(ranges)),
+                key=lambda i: (screened[ranges[i]] != screened[ranges[i]], sign * screened[ranges[i]]),
+            )
+            exact_ranges = [ranges[i] for i in sorted(order[:top_k])]
+        values = _score_ranges(
+            method.range_maps, auto.select_by, cfg, model, loader, exact_ranges, device, bar, "layers=auto"
         )
-        for batch in loader:
-            if batch is None:
-                continue
-            batch = {
-                k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
-            }
-            rows, classes = select_targets(batch, cfg.target, model)
-            with trainer_autocast(cfg, device):
-                for (start, stop), maps in method.range_maps(model, batch["image"][rows], classes, ranges):
-                    with torch.no_grad():
-                        metrics[(start, stop)].update(
-                            AttributionBatch.from_data(batch, rows, classes, maps), model
-                        )
-                    bar.advance(task)
-    landscape = [{"start": s, "stop": e, "value": float(metrics[(s, e)].compute())} for s, e in ranges]
-    higher = bool(metric_template.higher_is_better)
+    landscape = [
+        {"start": s, "stop": e, "value": values.get((s, e), float("nan"))}
+        | ({"screened": screened[(s, e)]} if screened else {})
+        for s, e in ranges
+    ]
     finite = [row for row in landscape if row["value"] == row["value"]]  # NaN: undefined on every image
     if not finite:
         raise ValueError(f"layers=auto: {name} is undefined for every range on the calibration images")
@@ -204,9 +252,11 @@ def select_layer_range(
         seconds=time.perf_counter() - started,
     )
     log.info(
-        "layers=auto: chose start=%d stop=%d (%s %.4f, %s is better) from %d ranges on %d calibration images in %.1f s",
+        "layers=auto: chose start=%d stop=%d (%s %.4f, %s is better) from %d ranges (%s) on %d calibration "
+        "images in %.1f s",
         selection.start, selection.stop, name, selection.value, "higher" if higher else "lower",
-        len(ranges), len(calib), selection.seconds,
+        len(ranges), f"{len(exact_ranges)} scored exactly after screening" if screened else "all exact",
+        len(calib), selection.seconds,
     )  # fmt: skip
     return selection
 

@@ -3,7 +3,8 @@
 Besides `attribute`, a method may offer optional capabilities, declared here with defaults that mean "not
 offered", so that the run and the metrics call them without probing: `setup` (validate against the model),
 `prepare` (statistics of the evaluated data), `completeness_terms` (LibraGrad's Completeness Error) and the
-layer-range trio `layer_ranges` / `range_maps` / `use_layer_range` (`layers=auto`).
+layer-range trio `layer_ranges` / `range_maps` / `use_layer_range` (`layers=auto`), with
+`estimated_range_maps` for screening ranges.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ class AttributionMethod(ABC):
     def use_layer_range(self, start: int, stop: int | None) -> None:
         """Map at the range `(start, stop)` from now on (the range `layers=auto` chose)."""
         raise NotImplementedError(f"{self.name} has no layer range")
+
+    def estimated_range_maps(
+        self, model: ViTClassifier, images: Tensor, target: Tensor, ranges: Sequence[tuple[int, int]]
+    ) -> Iterator[tuple[tuple[int, int], Tensor]]:
+        """Cheap estimates of `range_maps` (`layers.screen_top_k` screens ranges with them); not offered by
+        default."""
+        raise NotImplementedError(f"{self.name} has no cheap estimate of its range maps")
 
     @abstractmethod
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:

@@ -8,7 +8,8 @@ attribution; the map `[B, gh, gw]` is the patch scores on the token grid.
 
 The paper leaves the layer range to the user, so CAAP also maps many ranges at once (`range_maps`, shared work
 through `caap.methods.patching`), which `layers=auto` uses to choose one. The batched engine is
-`caap.methods.patching`; the neutral contexts are reference images (`caap.references`).
+`caap.methods.patching`; the neutral contexts are reference images (`caap.references`). `estimator` trades
+exactness for fewer patched runs (`caap.methods.caap_estimators`); `cost` counts the work done.
 """
 
 from __future__ import annotations
@@ -21,16 +22,22 @@ import torch
 from torch import Tensor, nn
 
 from caap.methods.base import AttributionMethod
-from caap.methods.option_checks import check_choice
+from caap.methods.caap_estimators import (
+    ESTIMATORS,
+    EstimatorCost,
+    PatchingContext,
+    adaptive_scores,
+    gradient_scores,
+    screened_scores,
+)
+from caap.methods.option_checks import check_choice, check_fraction, check_positive_int
 from caap.methods.patching import (
     MODES,
     ChunkSize,
-    PatchLayout,
     compute_dtype,
     group_rows_by_image,
     neutral_states,
     patch_positions,
-    range_scores,
     resolve_chunk_size,
     source_states,
     window_masks,
@@ -66,10 +73,18 @@ class CAAP(AttributionMethod):
             `memory_budget_mb`.
         head_tokens_only: when the head reads only prefix tokens (CLS pooling), compute the last block for
             those tokens only (exact; a speed option).
+        estimator: `exact` (one patched run per patch set), `gradient` (first-order estimate from one forward
+            and one backward of the neutral run per class), `adaptive` (exact k x k windows, refined patch by
+            patch where the effect is largest) or `screened` (exact runs for the largest estimated effects,
+            the gradient estimate elsewhere); see `caap.methods.caap_estimators`.
+        adaptive_window: `adaptive`'s window size k (needs `window=1`).
+        adaptive_refine: `adaptive`'s share of windows rerun patch by patch, in [0, 1].
+        screen_fraction: `screened`'s share of patch sets run exactly, in [0, 1].
         compile: run the blocks of the patched runs under `torch.compile` (`dynamic=False`, chunks of one
             size, the last padded); equal to the eager maps up to float rounding; each new chunk shape
             compiles once.
 
+    `cost` (an `EstimatorCost`) cumulates the work of every call in forward-pass equivalents (`reset_cost`).
     A chunk that runs out of CUDA memory is halved and retried; the halved size is kept for later batches.
     """
 
@@ -87,6 +102,10 @@ class CAAP(AttributionMethod):
         chunk_size: int | None = None,
         memory_budget_mb: float | None = None,
         head_tokens_only: bool = True,
+        estimator: str = "exact",
+        adaptive_window: int = 2,
+        adaptive_refine: float = 0.25,
+        screen_fraction: float = 0.1,
         compile: bool = False,
     ) -> None:
         self.start = start
@@ -109,6 +128,16 @@ class CAAP(AttributionMethod):
         self.chunk_size = chunk_size
         self.memory_budget_mb = memory_budget_mb
         self.head_tokens_only = bool(head_tokens_only)
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
+        self.adaptive_window = check_positive_int("adaptive_window", adaptive_window)
+        self.adaptive_refine = check_fraction("adaptive_refine", adaptive_refine)
+        self.screen_fraction = check_fraction("screen_fraction", screen_fraction)
+        if self.estimator == "adaptive" and window != 1:
+            raise ValueError(
+                f"method.estimator=adaptive refines windows down to single patches and needs method.window=1, "
+                f"got window={window!r}; the window size of adaptive is method.adaptive_window"
+            )
+        self.cost = EstimatorCost()
         if not isinstance(compile, bool):
             raise ValueError(f"compile={compile!r} must be true or false")
         self.compile = compile
@@ -128,8 +157,12 @@ class CAAP(AttributionMethod):
         return (
             f"CAAP(start={self.start}, stop={self.stop}, mode={self.mode!r}, score={self.score!r}, "
             f"window={self.window}, neutral={self.neutral!r}, chunk_size={self.chunk_size}, "
-            f"memory_budget_mb={self.memory_budget_mb}, compile={self.compile})"
+            f"memory_budget_mb={self.memory_budget_mb}, estimator={self.estimator!r}, compile={self.compile})"
         )
+
+    def reset_cost(self) -> None:
+        """Start counting `cost` from zero."""
+        self.cost = EstimatorCost()
 
     def layer_range(self, model: ViTClassifier) -> tuple[int, int]:
         """The resolved positions `(start, stop)` for this model (raises a clear ValueError when invalid)."""
@@ -190,6 +223,7 @@ class CAAP(AttributionMethod):
                 return cache[2], cache[3]
         passes = [neutral_states(model, imgs, starts) for imgs in self.neutral.images(images, model)]
         prefixes, logits = [p for p, _ in passes], torch.stack([lg for _, lg in passes])
+        self.cost.add_blocks(sum(lg.shape[0] for lg in logits), model.depth, model.depth)
         if key is not None:
             self._cache = (weakref.ref(model), key, prefixes, logits)
         return prefixes, logits
@@ -201,16 +235,38 @@ class CAAP(AttributionMethod):
         target: Tensor,
         ranges: Sequence[tuple[int, int]],
     ) -> Iterator[tuple[tuple[int, int], Tensor]]:
-        """CAAP maps `[B, gh, gw]` of `images [B, 3, H, W]` for `target [B]`, for each resolved range.
+        """CAAP maps `[B, gh, gw]` of `images [B, 3, H, W]` for `target [B]`, for each resolved range, from the
+        configured `estimator`.
 
-        Equals `attribute` at each range. Shared between ranges: one source pass, one neutral pass, and the
-        patched runs of ranges with one start up to where they differ (`caap.methods.patching.range_scores`).
-        Rows that repeat an image (one row per present class under `target=label`) share its patched runs.
-        Yields as each start is done: by start, then stop (the order of `all_layer_ranges`).
+        Equals `attribute` at each range. Shared between ranges: one source pass, one neutral pass, and (exact)
+        the patched runs of ranges with one start up to where they differ (`caap.methods.patching.range_scores`)
+        or (gradient) one backward pass. Rows that repeat an image (one row per present class under
+        `target=label`) share its patched runs. Yields as each start is done: by start, then stop (the order of
+        `all_layer_ranges`).
         """
+        yield from self._range_maps(model, images, target, ranges, self.estimator)
+
+    def estimated_range_maps(
+        self,
+        model: ViTClassifier,
+        images: Tensor,
+        target: Tensor,
+        ranges: Sequence[tuple[int, int]],
+    ) -> Iterator[tuple[tuple[int, int], Tensor]]:
+        """`gradient`-estimated maps `[B, gh, gw]` for each range (as `range_maps`), whatever `estimator` is:
+        one source pass and one backward pass for all ranges (`layers.screen_top_k` screens ranges with them)."""
+        yield from self._range_maps(model, images, target, ranges, "gradient")
+
+    def _range_maps(
+        self,
+        model: ViTClassifier,
+        images: Tensor,
+        target: Tensor,
+        ranges: Sequence[tuple[int, int]],
+        estimator: str,
+    ) -> Iterator[tuple[tuple[int, int], Tensor]]:
         gh, gw = model.grid_size(images)
-        masks, index = window_masks(gh, gw, self.window)  # on the CPU: the layout needs no device read-back
-        layout = PatchLayout.of(masks, images.device)
+        masks, index = window_masks(gh, gw, self.window)  # on the CPU: the engine reads them without a sync
         index = index.to(images.device, non_blocking=True)
         starts = sorted({s for s, _ in ranges})
         with torch.no_grad():
@@ -218,23 +274,51 @@ class CAAP(AttributionMethod):
             positions = {j for s, e in ranges for j in patch_positions(s, e, self.mode)}
             states = source_states(model, unique, positions)
             prefixes, logits = self._neutral(model, unique, starts)
-            chunk = ChunkSize(self.chunk_for(model, unique))
-        # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
-        for start in starts:
-            stops = sorted({e for s, e in ranges if s == start})
-            total: dict[int, Tensor] = {}
-            with torch.no_grad():
-                for at, nl in zip(prefixes, logits, strict=True):
-                    scores = range_scores(
-                        model, states, at[start], targets, layout, start, stops, self.mode, self.score, chunk,
-                        nl, self.head_tokens_only, self.compile,
-                    )  # fmt: skip
-                    total = scores if not total else {e: total[e] + scores[e] for e in stops}
-            if chunk.oom_from is not None:  # later batches start at the size that fitted
+            chunk = ChunkSize(self.chunk_for(model, unique))  # halved on CUDA out-of-memory errors
+        self.cost.add_blocks(unique.shape[0], max(positions), model.depth)
+        ctx = PatchingContext(
+            model,
+            states,
+            prefixes,
+            logits,
+            targets,
+            self.mode,
+            self.score,
+            chunk,
+            self.head_tokens_only,
+            self.cost,
+            self.compile,
+        )
+
+        def to_maps(scores: Tensor, spread: Tensor | None = index) -> Tensor:  # [U, K, n or N] -> [B, gh, gw]
+            rows = scores[inverse, slot]
+            return (rows if spread is None else rows[:, spread]).view(images.shape[0], gh, gw)
+
+        try:
+            # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
+            by_start = [(s, sorted({e for s2, e in ranges if s2 == s})) for s in starts]
+            if estimator == "gradient":
+                estimates = gradient_scores(ctx, masks, [(s, e) for s, stops in by_start for e in stops])
+                for r, scores in estimates.items():
+                    yield r, to_maps(scores)
+                return
+            for start, stops in by_start:
+                if estimator == "exact":
+                    total = ctx.exact(masks, start, stops)
+                    for e in stops:
+                        yield (start, e), to_maps(total[e])
+                elif estimator == "screened":
+                    for e in stops:
+                        yield (start, e), to_maps(screened_scores(ctx, masks, start, e, self.screen_fraction))
+                else:
+                    for e in stops:
+                        scores = adaptive_scores(
+                            ctx, (gh, gw), start, e, self.adaptive_window, self.adaptive_refine
+                        )
+                        yield (start, e), to_maps(scores, None)
+        finally:  # later batches start at the size that fitted
+            if chunk.oom_from is not None:
                 self._chunk_cap = chunk.size
-            for e in stops:
-                maps = (total[e] / len(prefixes))[inverse, slot][:, index]
-                yield (start, e), maps.view(images.shape[0], gh, gw)
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
         """CAAP maps `[B, gh, gw]` for pixel-space images `[B, 3, H, W]` and target classes `[B]`."""

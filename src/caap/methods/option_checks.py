@@ -28,3 +28,11 @@ def check_probability(key: str, value: Any, open_interval: bool = True) -> float
         interval = "(0, 1)" if open_interval else "[0, 1)"
         raise ValueError(f"method.{key}={value!r} must be a number in {interval}")
     return float(value)
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """`value` as a float if it lies in [0, 1] (a share of patches or windows: 0 = none, 1 = all)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:
+        raise ValueError(f"method.{key}={value!r} must be a number in [0, 1]")
+    return float(value)

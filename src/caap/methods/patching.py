@@ -200,6 +200,13 @@ class PatchLayout:
     sets: Tensor  # [M] long, the set w of each patched token
     patches: Tensor  # [M] long, its patch index in 0..N-1
     offsets: tuple[int, ...]  # [n + 1] host ints: set w's entries are offsets[w] <= e < offsets[w + 1]
+    masks: Tensor  # [n, N] bool on the device (runs of explicit pairs over sets of unequal sizes)
+
+    @property
+    def set_size(self) -> int | None:
+        """The number of patches of every set when all sets have as many, else None."""
+        sizes = {b - a for a, b in zip(self.offsets, self.offsets[1:], strict=False)}
+        return sizes.pop() if len(sizes) == 1 else None
 
     @classmethod
     def of(cls, masks: Tensor, device: torch.device | str | None = None) -> PatchLayout:
@@ -215,6 +222,7 @@ class PatchLayout:
             sets=sets.to(device, non_blocking=True),
             patches=patches.to(device, non_blocking=True),
             offsets=tuple(int(o) for o in offsets),
+            masks=cpu.to(device, non_blocking=True),
         )
 
     def entry(self, q: int) -> int:
@@ -243,6 +251,9 @@ class ChunkSize:
         self.size = max(1, self.size // 2)
         self.reported = False
 
+    def __int__(self) -> int:
+        return self.size
+
     def __repr__(self) -> str:
         return f"ChunkSize({self.size}, oom_from={self.oom_from})"
 
@@ -268,9 +279,11 @@ def patched_runs(
     branches: Collection[int] = (),
     chunk_size: int | ChunkSize = 256,
     head_tokens_only: bool = True,
+    pairs: Tensor | None = None,
     compile: bool = False,
 ) -> Iterator[tuple[int, int, Tensor, dict[int, Tensor]]]:
-    """The patched runs of the (image b, patch set w) pairs `q = b * n + w`, in chunks `q0 <= q < q1`.
+    """The patched runs of the (image b, patch set w) pairs `q = b * n + w`, in chunks `q0 <= q < q1`; with
+    `pairs` `[Q, 2]` (long rows `(b, w)`) only those pairs, run q being `pairs[q]` (the estimators' refinements).
 
     The trunk starts from the neutral `prefix` `r_start` `[1 or B, T, D]` and writes the source's tokens
     (`states`: position -> `[B, N, D]`) of the patch set `masks[w]` (`[n, N]` bool, or their `PatchLayout`)
@@ -284,7 +297,8 @@ def patched_runs(
     `torch.OutOfMemoryError` is retried at half the size (`chunk_size` as a `ChunkSize` keeps the halved size
     for the caller); one warning names the size that worked. With `compile`, the blocks run under
     `torch.compile` on chunks of one size (the runs split evenly, the last chunk padded with unpatched rows).
-    The inputs are checked when called; the loop itself reads nothing back from the device.
+    The inputs are checked when called; the loop itself reads nothing back from the device (except for
+    `pairs` over sets of unequal sizes: one read-back per chunk).
     """
     layout = masks if isinstance(masks, PatchLayout) else PatchLayout.of(masks, prefix.device)
     missing = sorted(j for j in writes if j not in states)
@@ -299,8 +313,10 @@ def patched_runs(
     if nb not in (1, batch):
         raise ValueError(f"neutral prefix has batch {nb}; expected 1 or the source batch {batch}")
     chunk = chunk_size if isinstance(chunk_size, ChunkSize) else ChunkSize(chunk_size)
+    if pairs is not None:
+        pairs = pairs.to(prefix.device, non_blocking=True)
     return _chunk_loop(
-        model, states, prefix, layout, start, writes, branches, chunk, head_tokens_only, compile, batch
+        model, states, prefix, layout, start, writes, branches, chunk, head_tokens_only, compile, batch, pairs
     )
 
 
@@ -316,6 +332,7 @@ def _chunk_loop(
     head_tokens_only: bool,
     compile: bool,
     batch: int,
+    pairs: Tensor | None,
 ) -> Iterator[tuple[int, int, Tensor, dict[int, Tensor]]]:
     """`patched_runs`' loop over chunks: sizes and token indices are host integers or device arithmetic."""
     depth, p, n, nb = model.depth, model.num_prefix_tokens, layout.num_sets, prefix.shape[0]
@@ -323,7 +340,8 @@ def _chunk_loop(
     write_at = {j for j in writes if not (last_block is not None and j == depth)}
     split_at = {e for e in branches if e <= max(write_at, default=-1)}
     apply = compiled_apply() if compile else _apply
-    device, total, tokens = prefix.device, batch * n, layout.offsets[-1]
+    device, tokens, set_size = prefix.device, layout.offsets[-1], layout.set_size
+    total = batch * n if pairs is None else int(pairs.shape[0])
 
     def block(j: int, x: Tensor) -> Tensor:
         return apply(last_block if last_block is not None and j == depth - 1 else model.blocks[j], x)
@@ -335,23 +353,36 @@ def _chunk_loop(
 
     def run(q0: int, q1: int, width: int) -> tuple[Tensor, dict[int, Tensor]]:
         """Logits of the runs q0..q1-1 in a chunk of `width >= q1 - q0` rows (the rest unpatched padding)."""
-        x = prefix.index_select(
-            0,
-            torch.arange(q0, q0 + width, device=device).clamp_(max=total - 1) // n
-            if nb > 1
-            else torch.zeros(width, dtype=torch.long, device=device),
-        )
-        e0, e1 = layout.entry(q0), layout.entry(q1)
-        if e1 > e0:  # the chunk's patched tokens: rows (in the chunk), source images and patches, [M] each
+        m = q1 - q0
+        if pairs is None:
+            image = torch.arange(q0, q0 + width, device=device).clamp_(max=total - 1) // n
+        else:
+            image = torch.cat([pairs[q0:q1, 0], pairs.new_zeros(width - m)])
+        x = prefix.index_select(0, image if nb > 1 else torch.zeros(width, dtype=torch.long, device=device))
+        # the chunk's patched tokens: rows (in the chunk), source images and patches, [M] each
+        if pairs is None:
+            e0, e1 = layout.entry(q0), layout.entry(q1)
             e = torch.arange(e0, e1, device=device)
-            src_b, within = e // tokens, e % tokens
+            src_b, within = e // max(1, tokens), e % max(1, tokens)
             rows, patch = src_b * n + layout.sets[within] - q0, layout.patches[within]
-            tok = patch + p
+            some = e1 > e0
+        elif (
+            set_size is not None
+        ):  # sets of one size c: run r's tokens are entries w_r * c .. w_r * c + c - 1
+            rows = torch.arange(m, device=device).repeat_interleave(set_size)
+            within = pairs[q0:q1, 1][rows] * set_size + torch.arange(set_size, device=device).repeat(m)
+            src_b, patch = pairs[q0:q1, 0][rows], layout.patches[within]
+            some = m * set_size > 0
+        else:
+            rows, patch = layout.masks[pairs[q0:q1, 1]].nonzero(as_tuple=True)  # reads the count back
+            src_b = pairs[q0:q1, 0][rows]
+            some = rows.numel() > 0
+        tok = patch + p
         split: dict[int, Tensor] = {}
         for j in range(start, depth + 1):
             if j in split_at:
                 split[j] = finish(x, j)  # x is not modified by the branch
-            if j in write_at and e1 > e0:
+            if j in write_at and some:
                 x.index_put_((rows, tok), states[j][src_b, patch].to(x.dtype))
             if j < depth:
                 x = block(j, x)
@@ -396,9 +427,12 @@ def range_scores(
     chunk_size: int | ChunkSize = 256,
     neutral_logits: Tensor | None = None,
     head_tokens_only: bool = True,
+    pairs: Tensor | None = None,
     compile: bool = False,
 ) -> dict[int, Tensor]:
-    """Scores `{stop: [B, K, n]}` of the patched runs of the ranges `(start, stop)`, `stop` in `stops`.
+    """Scores `{stop: [B, K, n]}` of the patched runs of the ranges `(start, stop)`, `stop` in `stops`; with
+    `pairs` `[Q, 2]` (rows `(image b, patch set w)`, see `patched_runs`) the scores `{stop: [Q, K]}` of those
+    runs only.
 
     Hold mode: one trunk writes through `max(stops) - 1` and branches at every other stop (about half the
     block passes of running each range on its own). Inject mode writes at `start` only, so every stop gives
@@ -418,13 +452,16 @@ def range_scores(
             neutral_logits = unpatched_logits(model, prefix, start)
         nl = neutral_logits.float()
         neutral_t = (nl if nl.shape[0] == batch else nl.expand(batch, -1)).gather(1, targets)  # [B, K]
-    out = {e: torch.empty(batch * n, k, dtype=torch.float32, device=prefix.device) for e in stops}
+    if pairs is not None:
+        pairs = pairs.to(prefix.device, non_blocking=True)
+    total = batch * n if pairs is None else int(pairs.shape[0])
+    out = {e: torch.empty(total, k, dtype=torch.float32, device=prefix.device) for e in stops}
     runs = patched_runs(
         model, states, prefix, layout, start, writes, stops if hold else (), chunk_size, head_tokens_only,
-        compile,
+        pairs, compile,
     )  # fmt: skip
     for q0, q1, logits, branched in runs:
-        b = torch.arange(q0, q1, device=prefix.device) // n
+        b = torch.arange(q0, q1, device=prefix.device) // n if pairs is None else pairs[q0:q1, 0]
         nt = None if neutral_t is None else neutral_t[b]
         scored: dict[int, Tensor] = {}  # by id(logits): a branch after the last write is the trunk
         for e in stops:
@@ -432,6 +469,8 @@ def range_scores(
             if id(lg) not in scored:
                 scored[id(lg)] = target_score(lg, targets[b], score, model.multilabel, nt)
             out[e][q0:q1] = scored[id(lg)]
+    if pairs is not None:
+        return out
     return {e: v.view(batch, n, k).permute(0, 2, 1) for e, v in out.items()}
 
 
@@ -471,7 +510,7 @@ def patched_scores(
     targets = target if target.ndim == 2 else target[:, None]
     out = range_scores(
         model, states, prefix, targets, masks, start, [stop], mode, score, chunk_size, neutral_logits,
-        head_tokens_only, compile,
+        head_tokens_only, compile=compile,
     )[stop]  # fmt: skip
     return out if target.ndim == 2 else out[:, 0]
 
@@ -493,6 +532,6 @@ def patched_logits(
     writes = patch_positions(start, stop, mode)
     batch = next(iter(states.values())).shape[0]
     runs = patched_runs(
-        model, states, prefix, layout, start, writes, (), chunk_size, head_tokens_only, compile
+        model, states, prefix, layout, start, writes, (), chunk_size, head_tokens_only, compile=compile
     )
     return torch.cat([logits for _, _, logits, _ in runs]).view(batch, layout.num_sets, -1)
