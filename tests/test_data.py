@@ -393,6 +393,27 @@ def test_datamodule_limit_shard_and_loaders() -> None:
         _ = AttributionDataModule(42).dataset  # type: ignore[arg-type]
 
 
+def test_datamodule_pins_memory_when_its_trainer_runs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned host batches let Lightning's non_blocking copies overlap the step: pinned when the attached
+    Trainer's device is CUDA (even on a machine whose CUDA the run does not use), not on its CPU runs."""
+    from types import SimpleNamespace
+
+    dm = AttributionDataModule(SyntheticGrid(size=4, image_size=28), batch_size=2)
+    on = lambda device: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dm.trainer = on("cpu")
+    assert dm.pins_memory() is False and dm.test_dataloader().pin_memory is False
+    dm.trainer = on("cuda:0")
+    assert dm.pins_memory() is True and dm.test_dataloader().pin_memory is True
+    dm.trainer = None  # no Trainer (e.g. a notebook): whether CUDA is there
+    assert dm.pins_memory() is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dm.pins_memory() is False
+    forced = AttributionDataModule(SyntheticGrid(size=4, image_size=28), pin_memory=False)
+    forced.trainer = on("cuda:0")
+    assert forced.pins_memory() is False
+
+
 def test_datamodule_skips_unreadable_images(image_root: Path) -> None:
     dm = AttributionDataModule(ImageFolderDataset(image_root, image_size=8), batch_size=2)
     assert dm.num_classes is None and dm.class_names is None

@@ -64,6 +64,13 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     assert written["metrics"] == results
     # written once, with the run's timing and W&B facts, and the finished mark
     assert written["finished"] is True and written["seconds"] > 0 and written["images_per_second"] > 0
+    # the test loop's own rate: every evaluated image (not map), within the run's time
+    loop = written["loop"]
+    assert loop["images"] == written["num_images"] < written["num_maps"]
+    assert (
+        0 < loop["seconds"] < written["seconds"] and loop["images_per_second"] > written["images_per_second"]
+    )
+    assert loop["after_first_batch_images_per_second"] > 0
     assert written["wandb_mode"] == "offline" and Path(written["wandb_dir"]).parent == out / "wandb"
     data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
     expected_keys = {(i, int(c)) for i in range(6) for c in data[i]["target"].nonzero().flatten()}

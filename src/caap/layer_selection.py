@@ -12,6 +12,7 @@ the method's `range_maps` (CAAP shares the work that ranges share, see `caap.met
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -102,6 +103,22 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda" if use_cuda else "cpu")
 
 
+#: Lightning's mixed-precision settings and the autocast dtype each runs the test loop in.
+_AUTOCAST = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
+}
+
+
+def trainer_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast the Trainer of `cfg` computes the maps in (`trainer.precision`), so that the calibration
+    scores the ranges in the precision the run then maps in; a no-op for 32-true."""
+    dtype = _AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 def choose_layer_range(
     cfg: DictConfig,
     method: AttributionMethod,
@@ -169,12 +186,13 @@ def _score_ranges(
     for batch in loader:
         if batch is None:
             continue
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         rows, classes = select_targets(batch, cfg.target, model)
-        for r, maps in maps_of(model, batch["image"][rows], classes, ranges):
-            with torch.no_grad():
-                metrics[r].update(AttributionBatch.from_data(batch, rows, classes, maps), model)
-            bar.advance(task)
+        with trainer_autocast(cfg, device):  # the run's precision (this loop is outside Lightning's)
+            for r, maps in maps_of(model, batch["image"][rows], classes, ranges):
+                with torch.no_grad():
+                    metrics[r].update(AttributionBatch.from_data(batch, rows, classes, maps), model)
+                bar.advance(task)
     return {r: float(metrics[r].compute()) for r in ranges}
 
 
@@ -206,6 +224,7 @@ def select_layer_range(
         batch_size=int(auto.get("batch_size") or cfg.data.batch_size),
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
+        pin_memory=device.type == "cuda",  # with the non_blocking copies of `_score_ranges`
     )
     screened: dict[tuple[int, int], float] = {}
     exact_ranges = list(ranges)

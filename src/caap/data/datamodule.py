@@ -52,7 +52,8 @@ class AttributionDataModule(L.LightningDataModule):
       num_workers: DataLoader worker processes.
       limit: evaluate only the first `limit` samples (None: all).
       shard, num_shards: of those, take indices[shard::num_shards] (to split one evaluation over several jobs).
-      pin_memory: pin host memory (default: when CUDA is available).
+      pin_memory: pin host memory, so that Lightning's `non_blocking` copies to the GPU overlap the step (default:
+        when the attached Trainer runs on CUDA; without a Trainer, when CUDA is available).
 
     Batches are `collate_skip_none` batches (`{image [B, 3, H, W], target [B, C], index [B], ...}`), or None when
     every sample of a batch was unreadable; steps must skip a None batch.
@@ -88,7 +89,7 @@ class AttributionDataModule(L.LightningDataModule):
         self._indices: list[int] | None = None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.limit, self.shard, self.num_shards = limit, shard, num_shards
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory
 
     @property
     def dataset(self) -> Dataset:
@@ -189,6 +190,15 @@ class AttributionDataModule(L.LightningDataModule):
         """This rank's share of `indices` (all of them without DDP); rank / world size default to torch.distributed."""
         return ContiguousDistributedSampler(self.indices, num_replicas=num_replicas, rank=rank)
 
+    def pins_memory(self) -> bool:
+        """Whether the loaders pin host memory: `pin_memory`, else whether the Trainer's device is CUDA."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if strategy is not None:
+            return strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self) -> DataLoader:
         _, world_size = world()
         if world_size > 1:
@@ -204,7 +214,7 @@ class AttributionDataModule(L.LightningDataModule):
             sampler=self.sampler(),
             num_workers=self.num_workers,
             collate_fn=collate_skip_none,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory(),
             drop_last=False,
         )
 
