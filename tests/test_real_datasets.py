@@ -382,3 +382,17 @@ def test_target_label_needs_a_labelled_data_option(compose_cfg, tmp_path, name: 
     if not labelled:
         with pytest.raises(ValueError, match="use target=pred"):
             evaluate(cfg)
+
+
+@pytest.mark.parametrize(
+    "name", ["imagenet_val", "imagenet_s", "imagenet_segmentation", "voc_segmentation", "image_folder"]
+)
+def test_data_options_without_data_root_name_it(compose_cfg, name: str) -> None:
+    """`root: ???` in the option does not survive the schema's `root: null`: the datasets got None and failed
+    with "expected str, bytes or os.PathLike object, not NoneType"."""
+    from caap.models import build_model
+    from caap.run import build_datamodule
+
+    model = build_model("test_vit", img_size=56, num_classes=1000, kwargs={"patch_size": 7})
+    with pytest.raises(Exception, match=rf"data\.root is not set: data={name} needs"):  # Hydra wraps it
+        build_datamodule(compose_cfg(f"data={name}"), model)

@@ -325,6 +325,35 @@ def test_ddp_sim_equals_one_process(compose_cfg, tmp_path, capfd) -> None:
     assert all(f"test/{name}" in logged for name in single)
 
 
+def test_data_classes_the_model_cannot_score_fail_at_setup(compose_cfg, tmp_path) -> None:
+    """Labels and masks index the model's classes: labels beyond the head (10 data classes, an 8-class head),
+    or target=pred with mask metrics on a head larger than the masks cover (an ImageNet backbone on
+    data=synthetic: a top class >= 10 failed in the pointing games at a batch), are refused at setup. Fewer
+    data classes than the head with target=label runs (the labels name the head's first classes)."""
+    small = compose_cfg(*FAST, "model=test_vit", "model.num_classes=8", "logger=csv")
+    with pytest.raises(ValueError, match=r"data=synthetic has 10 classes but model 'test_vit' has 8"):
+        evaluate(small)
+    assert not (Path(small.output_dir) / "config.yaml").exists()
+    large = [*FAST, "model=test_vit", "model.num_classes=12", "logger=csv", "method=random"]
+    with pytest.raises(ValueError, match=r"target=pred .*one of 12.*cover 10 classes.*metric=faithfulness"):
+        evaluate(compose_cfg(*large, "target=pred"))
+    evaluate(compose_cfg(*large, f"output_dir={tmp_path / 'label'}"))
+    assert json.loads((tmp_path / "label" / "metrics.json").read_text())["num_maps"] > 6
+
+
+def test_images_of_another_size_than_the_model_fail_at_setup(compose_cfg) -> None:
+    """A fixed-size model refused other image sizes only at the first batch, after a long Lightning traceback."""
+    cfg = compose_cfg(*FAST, "data.dataset.image_size=28", "logger=csv")  # the fixed-size FashionGrid model
+    with pytest.raises(ValueError, match=r"expects 56x56 images, got 28x28"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()
+
+
+def test_seed_that_is_not_an_integer_is_named(compose_cfg) -> None:
+    with pytest.raises(ValueError, match=r"seed must be an integer; got 'abc'"):
+        evaluate(compose_cfg(*FAST, "seed=abc", "logger=csv"))  # it said "invalid literal for int()"
+
+
 def test_layer_index_out_of_range_fails_before_any_data(compose_cfg, tmp_path) -> None:
     cfg = compose_cfg("method=caap", "layers.start=9", "model.pretrained=false", f"data.root={tmp_path}")
     with pytest.raises(ValueError, match=r"layers\.start"):

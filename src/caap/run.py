@@ -90,6 +90,38 @@ def check_images(datamodule: AttributionDataModule) -> None:
         )
 
 
+def check_data_fits_model(
+    datamodule: AttributionDataModule,
+    model: ViTClassifier,
+    target: str,
+    metrics: dict[str, AttributionMetric],
+    data_name: str,
+) -> None:
+    """Refuse, before any map, data the model cannot be scored on: labels beyond the model's head
+    (`target=label`), a top class beyond the classes the masks cover (`target=pred` with mask metrics; they
+    failed in the pointing games at a batch), or images of another size than a fixed-size model takes (it
+    failed at the first batch). Fewer data classes than the head is fine (e.g. data=synthetic on an
+    ImageNet backbone): the labels name the head's first classes."""
+    classes, head = datamodule.num_classes, model.num_classes
+    if classes is not None and head is not None:
+        if target == "label" and classes > head:
+            raise ValueError(
+                f"data={data_name} has {classes} classes but model '{model.name}' has {head}: target=label would "
+                f"explain classes the head does not have; use a model with a {classes}-class head (a new random "
+                f"one: model.num_classes={classes} model.reset_head=true)"
+            )
+        masked = [name for name, metric in metrics.items() if metric.requires_masks]
+        if target == "pred" and masked and head > classes:
+            raise ValueError(
+                f"target=pred explains the top class of model '{model.name}' (one of {head}), but the masks of "
+                f"data={data_name} cover {classes} classes, so metrics {masked} would find no mask for most; "
+                f"use target=label, or metric=faithfulness"
+            )
+    sample = datamodule.dataset[datamodule.indices[0]]
+    if sample is not None:
+        model.grid_size(sample["image"])  # raises for a size a fixed-size model does not take
+
+
 def build_metrics(
     cfg: DictConfig, datamodule: AttributionDataModule, model: ViTClassifier
 ) -> dict[str, AttributionMetric]:
@@ -235,6 +267,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     calibration images first (see `caap.layer_selection`).
     """
     started, output_dir, resuming = time.perf_counter(), Path(cfg.output_dir), bool(cfg.get("resume"))
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ValueError(f"seed must be an integer; got {cfg.seed!r}")
     if resuming:
         check_resume_folder(cfg.resume)
         if (done := finished_metrics(output_dir)) is not None:
@@ -249,13 +283,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg, model)
     check_target(cfg.target, datamodule, cfg.data.name)
     check_images(datamodule)  # selects the readable images: no later stage meets an unreadable one
+    metrics = build_metrics(cfg.metric, datamodule, model)
+    check_data_fits_model(datamodule, model, cfg.target, metrics, cfg.data.name)
     method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
     selection = choose_layer_range(cfg, method, model, datamodule, resuming)
     record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran
     if resuming:
         check_same_config(output_dir, record)
     OmegaConf.save(record, output_dir / "config.yaml", resolve=True)
-    metrics = build_metrics(cfg.metric, datamodule, model)
     config: dict = OmegaConf.to_container(record, resolve=True)  # type: ignore[assignment]
     identity = dashboard_config(method_choice() or method.name, method.layer_range(model))
     loggers = build_loggers(

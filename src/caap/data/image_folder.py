@@ -40,6 +40,14 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 FOLDERS = "folders"
 
 
+def data_path(value: str | Path | None, option: str) -> Path:
+    """`value` as a path (`~` expanded); a ValueError naming `data.root` when it is not set. Data options that
+    need files say `root: ???`, but the schema's `root: null` wins the merge, so the datasets get None."""
+    if value is None or str(value) in ("", "???"):
+        raise ValueError(f"data.root is not set: data={option} needs the path of its files (data.root=/path)")
+    return Path(value).expanduser()
+
+
 def _norm_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
     exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if not exts:
@@ -87,6 +95,8 @@ def _read_class_names(class_names: Sequence[str] | str | Path) -> tuple[str, ...
 class ImageFolderDataset(Dataset):
     """Images under `root` (recursive, sorted by relative path), optionally with class labels.
 
+    `option`: the data config option that builds this class (named in messages).
+
     Args:
       root: the folder of images.
       image_size: S; each image is converted to RGB, its shorter side resized to `resize_size` (default S), then
@@ -118,6 +128,8 @@ class ImageFolderDataset(Dataset):
     (int or None), `targets` (`[N, C]` float).
     """
 
+    option = "image_folder"
+
     def __init__(
         self,
         root: str | Path,
@@ -130,7 +142,7 @@ class ImageFolderDataset(Dataset):
         interpolation: str | None = "bicubic",
         crop_pct: float | None = None,
     ) -> None:
-        self.root = Path(root).expanduser()
+        self.root = data_path(root, self.option)
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset root {self.root} does not exist or is not a folder")
         if image_size < 1:

@@ -61,6 +61,8 @@ class ImageNetVal(ImageFolderDataset):
     Samples as `ImageFolderDataset`: `{image [3, S, S], target [1000] multi-hot, index, path}`.
     """
 
+    option = "imagenet_val"
+
     def __init__(
         self,
         root: str | Path,

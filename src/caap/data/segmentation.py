@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from caap.batch import BACKGROUND, FOREGROUND, IGNORE
-from caap.data.image_folder import IMAGE_EXTENSIONS
+from caap.data.image_folder import IMAGE_EXTENSIONS, data_path
 from caap.data.imagenet import imagenet_class_names, imagenet_wnids
 from caap.data.transforms import EvalTransform
 
@@ -163,7 +163,7 @@ class ImageNetS(SegmentationDataset):
             raise ValueError(
                 f"ImageNetS scores ImageNet-1k classes, but the model has num_classes={num_classes}"
             )
-        self.root = Path(root).expanduser()
+        self.root = data_path(root, "imagenet_s")
         self.image_dir, self.mask_dir = self.root / split, self.root / f"{split}-segmentation"
         for d in (self.image_dir, self.mask_dir):
             if not d.is_dir():
@@ -255,7 +255,7 @@ class ImageNetSegmentation(SegmentationDataset):
         import h5py
 
         super().__init__(image_size, crop_pct, interpolation)
-        self.path = Path(path).expanduser()
+        self.path = data_path(path, "imagenet_segmentation")
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"ImageNetSegmentation: {self.path} not found (the gtsegs_ijcv.mat of Gur et al.'s release)"
@@ -330,7 +330,7 @@ class VOCSegmentation(SegmentationDataset):
             raise ValueError(
                 f"VOCSegmentation label_space='{label_space}' is not one of ['foreground', 'voc']"
             )
-        root = Path(root).expanduser()
+        root = data_path(root, "voc_segmentation")
         if (root / "VOCdevkit" / f"VOC{year}").is_dir():
             root = root / "VOCdevkit" / f"VOC{year}"
         self.root = root
