@@ -1,9 +1,13 @@
-"""`caap.report`: tables with CIs and statistical marks, paired verdicts on real runs, figures, a self-contained page that Chromium renders with
-every image loaded, and the W&B summary run; built from real run folders of `caap.run.evaluate`."""
+"""`caap.report`: tables with CIs and statistical marks, paired verdicts on real runs, figures, a self-contained
+page that Chromium renders with every image loaded at readable sizes, and the W&B summary run; built from real
+run folders of `caap.run.evaluate`."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import io
 import json
 import os
 import re
@@ -16,10 +20,13 @@ import pytest
 import torch
 import yaml
 from hydra.utils import instantiate
+from PIL import Image
+from safetensors.torch import load_file
 
 from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
 from caap.report import build_report, latest_run_dir, load_runs
+from caap.report.render import MIN_TILE_PX
 from caap.report.table import report_statistics
 from caap.report.wandb_summary import COMPARISONS_KEY, TABLE_KEY
 from test_run import read_wandb_records
@@ -87,7 +94,13 @@ def test_run_folders_hold_curves_and_directions(sweep: Path) -> None:
         # the metric's area of the mean curve is the mean per-image area (the metric's value: areas are linear)
         area = metrics[name].auc(torch.tensor([y], dtype=torch.float64))
         assert float(area) == pytest.approx(written["metrics"][name], rel=1e-6, abs=1e-9)
-    assert (folder / "images.safetensors").is_file()
+    # the gallery's images and the ground truth (cell masks) of every scored pair of those images
+    kept = set(load_file(str(folder / "images.safetensors")))
+    masks = load_file(str(folder / "masks.safetensors"))
+    with open(folder / "per_image.csv") as fh:
+        pairs = {f"{r['index']}_{r['class']}" for r in csv.DictReader(fh) if r["index"] in kept}
+    assert kept and set(masks) == pairs
+    assert all(m.dtype == torch.uint8 and m.any() and m.shape == (56, 56) for m in masks.values())
 
 
 def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
@@ -113,30 +126,59 @@ def test_report_tables_and_labels(sweep: Path, report: dict[str, Path]) -> None:
     assert [r["layers_stop"] for r in rows] == ["1", "2", ""]
 
 
-def test_html_page_is_self_contained_and_renders_in_chromium(report: dict[str, Path], tmp_path: Path) -> None:
+#: after load, the probe writes what Chromium rendered: each image's PNG size, declared size, rendered width and
+#: smallest text / tile (PNG pixels), and the smallest computed font size of the page's own text (CSS px)
+PROBE = """<script>window.addEventListener('load', () => {
+  const images = [...document.images].map(i => ({
+    ok: i.complete && i.naturalWidth > 0, natural: [i.naturalWidth, i.naturalHeight],
+    attrs: [+i.getAttribute('width'), +i.getAttribute('height')],
+    client: i.clientWidth, font: +i.dataset.minFontPx, tile: i.dataset.minTilePx ? +i.dataset.minTilePx : null,
+    alt: i.alt.slice(0, 40)}));
+  const texts = [...document.body.querySelectorAll('*')].filter(e => [...e.childNodes].some(
+    n => n.nodeType === 3 && n.textContent.trim())).map(e => parseFloat(getComputedStyle(e).fontSize));
+  document.body.setAttribute('data-probe', JSON.stringify({images, minText: Math.min(...texts)}));
+});</script>"""
+PT10_CSS_PX = 10 * 96 / 72  # 10 pt in CSS pixels
+
+
+def test_html_page_renders_figures_at_readable_sizes_in_chromium(
+    report: dict[str, Path], tmp_path: Path
+) -> None:
+    """Chromium at 1280 px: every image loads; its PNG is the size the page declares (one PNG pixel per CSS
+    pixel, not scaled down); its smallest text renders at 10 pt or more and its map tiles at 160 px or more;
+    the page's own text is at least 10 pt."""
     page = report["html"].read_text()
     assert "<img" in page and not re.search(r'src="(?!data:image/png;base64,)', page)  # no external files
-    sections = [s for s in ("Layer ranges", "Curves", "Maps") if f"<h2>{s}</h2>" in page]
-    assert sections == ["Layer ranges", "Curves", "Maps"]
+    sections = [s for s in ("Metric values", "Layer ranges", "Curves", "Maps") if f"<h2>{s}</h2>" in page]
+    assert sections == ["Metric values", "Layer ranges", "Curves", "Maps"]
+    for width, height, data in re.findall(r'width="(\d+)" height="(\d+)"[^>]*base64,([^"]+)"', page):
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (int(width), int(height))
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (make setup installs Debian's chromium)")
-    # the page plus a probe that, once everything loaded, writes how many <img> decoded (naturalWidth > 0)
-    probe = (
-        "<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-        " const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;"
-        " document.body.setAttribute('data-images', ok + '/' + imgs.length); });</script>"
-    )
     probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", probe + "</body>"))
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
     args = [CHROMIUM, "--headless", "--disable-gpu", "--dump-dom", "--virtual-time-budget=10000"]
+    args += ["--window-size=1280,1024", "--force-device-scale-factor=1", "--hide-scrollbars"]
     if os.geteuid() == 0:
         args.append("--no-sandbox")
     proc = subprocess.run([*args, probed.as_uri()], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    match = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
+    match = re.search(r'data-probe="([^"]*)"', proc.stdout)
     assert match, proc.stdout[:500]
-    loaded, total = int(match.group(1)), int(match.group(2))
-    assert total == page.count("<img") >= 3 and loaded == total
+    probe = json.loads(html.unescape(match.group(1)))
+    images = probe["images"]
+    assert len(images) == page.count("<img") >= 4 and all(i["ok"] for i in images)
+    assert probe["minText"] >= PT10_CSS_PX - 0.01
+    tiles = 0
+    for image in images:
+        assert image["natural"] == image["attrs"], image  # the PNG has the pixel size the page lays out
+        scale = image["client"] / image["natural"][0]
+        assert scale == pytest.approx(1.0, abs=1e-3), image  # shown at its size, not shrunk to fit
+        assert image["font"] * scale >= PT10_CSS_PX - 0.01, image
+        if image["tile"] is not None:
+            tiles += 1
+            assert image["tile"] * scale >= MIN_TILE_PX, image
+    assert tiles >= 1  # the gallery
 
 
 def test_a_rerun_with_identical_maps_differs_by_exactly_zero_and_ties(sweep: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Outputs (a contract that reports and resumption rely on), all in `cfg.output_dir
 `ci` and the bootstrap settings under `bootstrap` (see `caap.stats`), and run facts; written last, with
 `"finished": true`), `curves.json` (the mean curve `{"x": [K], "y": [K]}` of each curve metric, e.g.
 deletion / insertion, with its pointwise bootstrap band `"low"`, `"high"`), `images.safetensors` (the first
-`report_images` images, uint8 `[3, H, W]` by dataset index), `per_image.csv` (one row per image and class
+`report_images` images, uint8 `[3, H, W]` by dataset index), `masks.safetensors` (their ground truth per
+class, `<index>_<class>` uint8 `[H, W]`, for data with masks), `per_image.csv` (one row per image and class
 with every per-pair value, which `caap.report` pairs runs on), `maps/` (safetensors keyed by dataset index and
 class, see `caap.maps_io`), `config.yaml` (the composed config, with the chosen range under `layers=auto`),
 `layers_auto.json` (`layers=auto`'s choice and landscape), `csv/` (Lightning's CSV log) and `wandb/` (the

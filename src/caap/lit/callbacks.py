@@ -216,16 +216,21 @@ def _synchronize() -> None:
 
 
 class SampleImages(L.Callback):
-    """Writes the first `num_images` evaluated images (rank 0) to `folder/images.safetensors` for reports.
+    """Writes the first `num_images` evaluated images (rank 0) to `folder/images.safetensors` and the ground
+    truth of their (image, class) pairs to `folder/masks.safetensors`, for the gallery of reports.
 
-    Tensors are named by dataset index, `[3, H, W]` uint8 (pixel space, as the method saw them); 56 px
-    FashionGrid images take 9 KB each, 224 px ones 150 KB. `caap.report` draws its map gallery over them.
+    Images are named by dataset index, `[3, H, W]` uint8 (pixel space, as the method saw them); 56 px
+    FashionGrid images take 9 KB each, 224 px ones 150 KB. Masks are named `<index>_<class>`, `[H, W]` uint8
+    (1 inside): the target's cell where the data has cells (FashionGrid), else its item or segment mask; none
+    for data without masks. `caap.report` draws its map gallery over them, the masks outlined.
     """
 
     def __init__(self, folder: str | Path, num_images: int = 8) -> None:
         self.path = Path(folder) / "images.safetensors"
+        self.masks_path = Path(folder) / "masks.safetensors"
         self.num_images = num_images
         self.images: dict[str, Any] = {}
+        self.masks: dict[str, Any] = {}
 
     def on_test_batch_end(
         self,
@@ -236,18 +241,30 @@ class SampleImages(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not outputs or trainer.global_rank != 0 or len(self.images) >= self.num_images:
+        if not outputs or trainer.global_rank != 0:
             return
         attribution: AttributionBatch = outputs["batch"]
-        for p in range(len(attribution)):
-            key = str(int(attribution.index[p]))
+        kept = []
+        for p, index in enumerate(attribution.index.tolist()):
+            key = str(int(index))
             if key not in self.images and len(self.images) < self.num_images:
                 image = attribution.images[p].detach().float().clamp(0, 1).mul(255).round()
                 self.images[key] = image.to(torch.uint8).cpu().contiguous()
+            if key in self.images:
+                kept.append((p, key))
+        kind = "cell" if attribution.has_masks("cell") else "item"
+        truth = attribution.target_masks(kind) if kept and attribution.has_masks(kind) else None
+        for p, key in kept if truth is not None else []:
+            mask = truth[p].detach().to(torch.uint8).cpu().contiguous()
+            self.masks[f"{key}_{int(attribution.classes[p])}"] = mask
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.images and trainer.global_rank == 0:
+        if trainer.global_rank != 0:
+            return
+        if self.images:
             save_file(self.images, str(self.path))
+        if self.masks:
+            save_file(self.masks, str(self.masks_path))
 
 
 class WandbMedia(L.Callback):

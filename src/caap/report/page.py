@@ -1,4 +1,10 @@
-"""One self-contained HTML page for a report: the table and every figure inlined (base64 PNG, no files)."""
+"""One self-contained HTML page for a report: the table and every figure inlined (base64 PNG, no files).
+
+Text is at least 10 pt (14 px); the content column is wider than `caap.report.render.PAGE_WIDTH_PX`, so every
+figure shows at one CSS pixel per PNG pixel (its `width` / `height`; `max-width: 100%` shrinks it only in a
+narrower window). Each `<img>` says, in `data-min-font-px` and `data-min-tile-px`, the smallest text and map
+tile in its PNG, so that a browser can check the rendered sizes.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +14,39 @@ import math
 from collections.abc import Sequence
 
 from caap.report.comparison import ReportStatistics
+from caap.report.render import RenderedFigure
 from caap.report.runs import RunRecord
 from caap.report.table import LEGEND, comparison_rows, higher_is_better, metric_names
 from caap.stats import format_value
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; }
+body { font-family: system-ui, sans-serif; font-size: 15px; margin: 2em auto; padding: 0 1em; max-width: 1240px;
+       color: #222; }
+table { border-collapse: collapse; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 td.best { font-weight: bold; background: #d8f0d8; }
 td.tied { font-style: italic; background: #f4f0d0; }
-.ci { color: #666; font-size: 11px; }
+.ci { color: #555; font-size: 14px; }
 .warning { color: #a04000; }
-img { max-width: 100%; display: block; margin: 0.5em 0 1.5em; }
-.note { color: #666; font-size: 12px; }
+figure { margin: 0.5em 0 1.5em; }
+img { max-width: 100%; height: auto; display: block; }
+.note { color: #555; font-size: 14px; }
 """
 
 
 def data_uri(png: bytes) -> str:
     """A `data:image/png;base64,...` URI."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def image_html(figure: RenderedFigure) -> str:
+    """The `<img>` of a figure at its PNG size, with its smallest text and tile (PNG pixels) as data."""
+    tile = "" if figure.min_tile_px is None else f' data-min-tile-px="{figure.min_tile_px:.1f}"'
+    return (
+        f'<img alt="{html.escape(figure.caption)}" width="{figure.width_px}" height="{figure.height_px}" '
+        f'data-min-font-px="{figure.min_font_px:.2f}"{tile} src="{data_uri(figure.png)}">'
+    )
 
 
 def table_html(records: Sequence[RunRecord], stats: ReportStatistics, digits: int = 4) -> str:
@@ -104,11 +122,11 @@ def render_page(
     title: str,
     source: str,
     records: Sequence[RunRecord],
-    figures: dict[str, list[tuple[str, bytes]]],
+    figures: dict[str, list[RenderedFigure]],
     stats: ReportStatistics,
 ) -> str:
     """The HTML page: title, the table, notes, mean ranks and paired comparisons, then one section per figure
-    group (`{section: [(caption, png)]}`)."""
+    group (`{section: [figure]}`)."""
     parts = [
         "<!DOCTYPE html>",
         f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
@@ -127,8 +145,8 @@ def render_page(
         if not items:
             continue
         parts.append(f"<h2>{html.escape(section)}</h2>")
-        for caption, png in items:
-            parts.append(f'<figure><img alt="{html.escape(caption)}" src="{data_uri(png)}">')
-            parts.append(f"<figcaption class='note'>{html.escape(caption)}</figcaption></figure>")
+        for item in items:
+            parts.append(f"<figure>{image_html(item)}")
+            parts.append(f"<figcaption class='note'>{html.escape(item.caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

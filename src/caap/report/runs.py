@@ -1,9 +1,10 @@
 """Reading run folders (the contract of `caap.run`) into `RunRecord`s for reports.
 
 A run folder holds `metrics.json` (values, `higher_is_better`, bootstrap CIs, facts), `curves.json` (mean
-curves of curve metrics with their bands), `per_image.csv` (every per-pair value), `config.yaml` (the resolved config), `.hydra/` (Hydra's config, overrides and group choices),
-`maps/` (safetensors, `caap.maps_io`) and `images.safetensors` (a few evaluated images). A multirun folder
-holds one run folder per job (and `multirun.yaml`).
+curves of curve metrics with their bands), `per_image.csv` (every per-pair value), `config.yaml` (the
+resolved config), `.hydra/` (Hydra's config, overrides and group choices), `maps/` (safetensors,
+`caap.maps_io`), `images.safetensors` (a few evaluated images) and `masks.safetensors` (their ground truth).
+A multirun folder holds one run folder per job (and `multirun.yaml`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from caap.report.comparison import ReportStatistics
+from caap.report.render import RenderedFigure
 from caap.report.runs import RunRecord
 from caap.report.table import comparison_rows, metric_names, report_statistics
 
@@ -80,7 +81,7 @@ def log_summary(
     records: Sequence[RunRecord],
     source: Path,
     out_dir: Path,
-    figures: dict[str, list[tuple[str, bytes]]],
+    figures: dict[str, list[RenderedFigure]],
     stats: ReportStatistics | None = None,
     project: str | None = None,
 ) -> Path:
@@ -116,8 +117,9 @@ def log_summary(
             payload[RANKS_KEY] = wandb.Table(columns=list(columns), data=rows)
         for section, items in figures.items():
             slug = section.lower().replace(" ", "_").replace("/", "_")
-            for i, (caption, png) in enumerate(items):
-                payload[f"report/{slug}/{i}"] = wandb.Image(Image.open(io.BytesIO(png)), caption=caption)
+            for i, item in enumerate(items):
+                picture = Image.open(io.BytesIO(item.png))
+                payload[f"report/{slug}/{i}"] = wandb.Image(picture, caption=item.caption)
         run.log(payload)
         for name, marks in stats.marks.items():
             for i, mark in marks.items():
