@@ -78,6 +78,8 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
 
 def test_calibration_indices_are_the_last_images() -> None:
     assert calibration_indices(10, 3) == [7, 8, 9]
+    # the last readable ones: an unreadable file is never a calibration image (it shrank the calibration set)
+    assert calibration_indices(10, 3, readable=lambda i: i not in (8, 6)) == [5, 7, 9]
     for bad in (0, 10):
         with pytest.raises(ValueError, match=r"layers\.calibration_images"):
             calibration_indices(10, bad)

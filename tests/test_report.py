@@ -21,7 +21,7 @@ from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
 from caap.report import build_report, latest_run_dir, load_runs
 from caap.report.table import report_statistics
-from caap.report.wandb_summary import TABLE_KEY
+from caap.report.wandb_summary import COMPARISONS_KEY, TABLE_KEY
 from test_run import read_wandb_records
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -170,7 +170,10 @@ def test_wandb_summary_run_holds_the_table(sweep: Path, report: dict[str, Path])
     assert run_dir.name.startswith("offline-run-")
     # history items of logged media are flattened: nested_key = [key, field] -> value
     items: dict[str, dict] = {}
-    for rec in read_wandb_records(run_dir):
+    decoded = read_wandb_records(run_dir)
+    (run,) = [r.run for r in decoded if r.HasField("run")]
+    assert run.job_type == "report"
+    for rec in decoded:
         if rec.WhichOneof("record_type") == "history":
             for item in rec.history.item:
                 if len(item.nested_key) == 2:
@@ -183,6 +186,15 @@ def test_wandb_summary_run_holds_the_table(sweep: Path, report: dict[str, Path])
     name = next(iter(records[0].metrics))
     col = table["columns"].index(name)
     assert [row[col] for row in table["data"]] == pytest.approx([r.metrics[name] for r in records])
+    low = table["columns"].index(f"{name}_ci_low")
+    assert [row[low] for row in table["data"]] == pytest.approx([r.ci[name][0] for r in records])
+    # the paired comparisons, as comparisons.csv has them
+    comparisons = json.loads((run_dir / "files" / items[COMPARISONS_KEY]["path"]).read_text())
+    written = list(csv.reader(report["comparisons"].open()))
+    assert comparisons["columns"] == written[0] and len(comparisons["data"]) == len(written) - 1 > 0
+    for logged, row in zip(comparisons["data"], written[1:], strict=True):
+        assert logged[:4] == row[:4] and logged[9] == row[9]  # metric, pairs, leader, other; verdict
+        assert logged[4] == pytest.approx(float(row[4]))  # difference
 
 
 @pytest.mark.slow

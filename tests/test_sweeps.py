@@ -17,7 +17,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from caap.config import register_schemas
 from caap.paths import CONF_DIR, REPO_ROOT
 from caap.run import evaluate
-from caap.sweep import count_jobs, job_label, job_overrides, sweep_group, write_sweep_size
+from caap.sweep import (
+    JobProgress,
+    count_jobs,
+    job_label,
+    job_overrides,
+    method_choice,
+    read_sweep_size,
+    sweep_group,
+    sweep_id,
+    write_sweep_size,
+)
 from test_run import read_wandb_records
 
 
@@ -81,13 +91,49 @@ def test_job_identity_and_label(tmp_path) -> None:
     sweep_dir = tmp_path / "outputs" / "multirun" / "2026-11-27" / "03-15-00"
     cfg = _as_multirun_job(compose_hydra(*overrides), sweep_dir, 2, overrides)
     assert job_overrides(cfg.hydra) == {"method": "random", "layers.start": 1}
-    assert sweep_group(cfg.hydra) == "2026-11-27/03-15-00"
+    assert sweep_group(cfg.hydra) == f"2026-11-27/03-15-00-{sweep_id(sweep_dir)}"
+    assert method_choice(cfg.hydra) == "random"
     assert job_label(cfg.hydra) == "[job 3/?] method=random layers.start=1 logger=wandb resume=x"
     write_sweep_size(sweep_dir, 4)
     assert job_label(cfg.hydra).startswith("[job 3/4] ")
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.RUN
     assert sweep_group(cfg.hydra) is None and job_label(cfg.hydra) == ""
+
+
+def test_sweep_groups_are_unique_per_sweep_and_shared_by_its_jobs(tmp_path) -> None:
+    """Two sweeps into folders of the same name, or into the same folder one after the other, get different
+    W&B groups; every job of one sweep (and its resumption) gets the same one; the job count is kept."""
+    overrides = ["method=random"]
+    progress = JobProgress()
+
+    def start(sweep_dir: Path, *extra: str) -> DictConfig:
+        cfg = compose_hydra(*overrides, *extra, f"hydra.sweep.dir={sweep_dir}")
+        progress.on_multirun_start(cfg)
+        return cfg
+
+    def group(sweep_dir: Path, num: int) -> str | None:
+        return sweep_group(_as_multirun_job(compose_hydra(*overrides), sweep_dir, num, overrides).hydra)
+
+    first, second = tmp_path / "a" / "multirun" / "sweep", tmp_path / "b" / "multirun" / "sweep"
+    start(first)
+    start(second)
+    assert group(first, 0) == group(first, 1) and group(first, 0).startswith("sweep-")
+    assert group(first, 0) != group(second, 0)
+    assert read_sweep_size(first) == 1
+    before = group(first, 0)
+    write_sweep_size(first, 5)  # a sweeper that counts its own jobs keeps the id
+    assert group(first, 0) == before and read_sweep_size(first) == 5
+    start(first, f"resume={first}")  # resume= continues the sweep: the same group
+    assert group(first, 0) == before
+    start(first)  # the same folder again without resume=: a new sweep, a new group
+    assert group(first, 0) != before
+
+
+def test_method_choice_is_the_method_option() -> None:
+    cfg = compose_hydra("method=libragrad_fullgrad_plus")
+    assert method_choice(cfg.hydra) == "libragrad_fullgrad_plus"
+    assert method_choice() is None  # outside a Hydra app (the run falls back to the method's name)
 
 
 def _wandb_identity(run_folder: Path) -> tuple[str, str, dict]:
@@ -125,7 +171,7 @@ def test_multirun_job_is_a_wandb_run_in_the_sweep_group(tmp_path) -> None:
     finally:
         HydraConfig.instance().cfg = None
     group, name, config = _wandb_identity(out)
-    assert group == "my-sweep"
+    assert group == f"my-sweep-{sweep_id(sweep_dir)}"
     assert name == ",".join(overrides)
     assert config["overrides"] == {
         "data": "synthetic",
@@ -135,7 +181,8 @@ def test_multirun_job_is_a_wandb_run_in_the_sweep_group(tmp_path) -> None:
         "metric": "localisation",
         "media_images": 0,
     }
-    assert config["sweep"] == {"group": "my-sweep", "job": 1, "num_jobs": 2}
+    assert config["sweep"] == {"group": group, "job": 1, "num_jobs": 2}
+    assert (config["method_name"], config["layer_range"]) == ("random", None)
     assert config["method"]["_target_"] == "caap.methods.RandomAttribution"
 
 
@@ -181,7 +228,7 @@ def test_two_job_sweep_through_submitit_local(tmp_path) -> None:
         written = json.loads((job / "metrics.json").read_text())
         assert "grid_pointing" in written["metrics"] and written["finished"]
         group, name, config = _wandb_identity(job)
-        assert group == "two"
+        assert group == f"two-{sweep_id(sweep_dir)}"
         assert job.name.split("_", 1)[1] == name  # the W&B name is the job folder's override_dirname
         names.add(config["overrides"]["method"])
     assert names == {"random", "gradient"}

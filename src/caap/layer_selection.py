@@ -3,9 +3,9 @@
 CAAP (Izadi et al., arXiv 2603.13652) leaves the layer range to the user; `layers=auto` scores every range the
 method offers (`AttributionMethod.layer_ranges`) on a calibration split with a chosen metric (`layers.select_by`,
 any `AttributionMetric` config; its `higher_is_better` says which way is better) and keeps the best. The
-calibration images are the last `layers.calibration_images` images of the dataset; they are removed from the
-evaluated images, so calibration and evaluation never share an image. The maps of every range come from the
-method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`). With
+calibration images are the last `layers.calibration_images` readable images of the dataset; they are removed
+from the evaluated images, so calibration and evaluation never share an image. The maps of every range come from
+the method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`). With
 `layers.screen_top_k = k`, every range is first scored on the method's cheap estimated maps
 (`estimated_range_maps`: CAAP's gradient estimate) and only the k best are scored on exact maps.
 """
@@ -76,14 +76,25 @@ class LayerSelection:
         return record
 
 
-def calibration_indices(dataset_size: int, num_images: int) -> list[int]:
-    """The calibration images: the last `num_images` indices of the dataset."""
+def calibration_indices(
+    dataset_size: int, num_images: int, readable: Callable[[int], bool] | None = None
+) -> list[int]:
+    """The calibration images: the last `num_images` indices of the dataset (of those `readable` accepts, asked
+    from the end; every index when None), in increasing order."""
     if not 0 < num_images < dataset_size:
         raise ValueError(
             f"layers.calibration_images={num_images} must be between 1 and the dataset size minus one "
             f"({dataset_size - 1}), so that images are left to evaluate on"
         )
-    return list(range(dataset_size - num_images, dataset_size))
+    if readable is None:
+        return list(range(dataset_size - num_images, dataset_size))
+    chosen: list[int] = []
+    for index in reversed(range(dataset_size)):
+        if len(chosen) == num_images:
+            break
+        if readable(index):
+            chosen.append(index)
+    return chosen[::-1]
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -132,7 +143,8 @@ def choose_layer_range(
     if selection is not None:
         calib = selection.calibration_indices
     else:
-        calib = calibration_indices(len(datamodule.dataset), int(auto.calibration_images))  # type: ignore[arg-type]
+        size = len(datamodule.dataset)  # type: ignore[arg-type]
+        calib = calibration_indices(size, int(auto.calibration_images), datamodule.readable)
     datamodule.exclude(calib)
     if not datamodule.indices:
         raise ValueError(

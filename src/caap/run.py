@@ -33,6 +33,7 @@ from caap.batch import TARGETS
 from caap.data import AttributionDataModule
 from caap.layer_selection import LayerSelection, choose_layer_range, log_selection
 from caap.lit.module import AttributionModule, RunInfo
+from caap.loggers import dashboard_config, wandb_init_arguments
 from caap.methods.base import AttributionMethod
 from caap.metrics.base import AttributionMetric, higher_is_better
 from caap.models.vit import ViTClassifier
@@ -45,7 +46,7 @@ from caap.resume import (
     stored_maps,
 )
 from caap.stats import format_value
-from caap.sweep import job_label, job_overrides, job_position, sweep_group
+from caap.sweep import job_label, job_overrides, job_position, method_choice, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ def check_target(target: str, datamodule: AttributionDataModule, data_name: str)
         raise ValueError(
             f"target=label needs class labels, but data={data_name} ({type(datamodule.dataset).__name__}) "
             f"has no labels, so no image would get a map; use target=pred to explain the model's top class"
+        )
+
+
+def check_images(datamodule: AttributionDataModule) -> None:
+    """Refuse a run with no image to evaluate (every selected file unreadable, or an empty shard): it would
+    end with NaN metrics."""
+    if not datamodule.indices:
+        size = len(datamodule.dataset)  # type: ignore[arg-type]
+        raise ValueError(
+            f"no image to evaluate: {datamodule!r} selects none of the dataset's {size} samples (unreadable files, "
+            f"if any, are named above)"
         )
 
 
@@ -111,11 +123,16 @@ def run_name() -> str:
 
 
 def build_loggers(
-    cfg: DictConfig, output_dir: Path, config: dict, wandb_id: str | None = None
+    cfg: DictConfig,
+    output_dir: Path,
+    config: dict,
+    identity: dict[str, Any] | None = None,
+    wandb_id: str | None = None,
 ) -> list[Logger]:
-    """Instantiate the logger group; the W&B run is named after the overrides and carries the composed config.
+    """Instantiate the logger group; the W&B run is named after the overrides and carries the composed config
+    plus `identity` (`caap.loggers.dashboard_config`: method name, layer range).
 
-    In a multirun every job's W&B run joins one group (the sweep folder, `caap.sweep.sweep_group`) and its
+    In a multirun every job's W&B run joins one group (unique per sweep, `caap.sweep.sweep_group`) and its
     config has the job's overrides under `overrides` (`{key: value}`) and its place under `sweep`.
     `wandb_id` continues an earlier W&B run (a resumed run, see `caap.resume`).
     """
@@ -123,22 +140,12 @@ def build_loggers(
     for node in (cfg or {}).values():
         extra: dict[str, Any] = {}
         if node.get("_target_", "").endswith("WandbLogger"):
-            position = job_position()
-            extra = {
-                "config": {
-                    **config,
-                    "overrides": job_overrides(),
-                    "sweep": None
-                    if position is None
-                    else {"group": sweep_group(), "job": position[0], "num_jobs": position[1]},
-                }
-            }
-            if node.get("name") is None:
-                extra["name"] = run_name()
-            if node.get("group") is None and sweep_group() is not None:
-                extra["group"] = sweep_group()
-            if wandb_id is not None and node.get("id") is None:
-                extra.update(id=wandb_id, resume="allow")
+            position, group = job_position(), sweep_group()
+            sweep = (
+                None if position is None else {"group": group, "job": position[0], "num_jobs": position[1]}
+            )
+            run_config = {**config, **(identity or {}), "overrides": job_overrides(), "sweep": sweep}
+            extra = wandb_init_arguments(node, run_config, run_name(), group, wandb_id)
             (output_dir / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
             instantiate(node, _partial_=True)(**extra)
@@ -241,6 +248,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
     datamodule = build_datamodule(cfg, model)
     check_target(cfg.target, datamodule, cfg.data.name)
+    check_images(datamodule)  # selects the readable images: no later stage meets an unreadable one
     method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
     selection = choose_layer_range(cfg, method, model, datamodule, resuming)
     record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran
@@ -249,8 +257,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     OmegaConf.save(record, output_dir / "config.yaml", resolve=True)
     metrics = build_metrics(cfg.metric, datamodule, model)
     config: dict = OmegaConf.to_container(record, resolve=True)  # type: ignore[assignment]
+    identity = dashboard_config(method_choice() or method.name, method.layer_range(model))
     loggers = build_loggers(
-        cfg.logger, output_dir, config, previous_wandb_id(output_dir) if resuming else None
+        cfg.logger, output_dir, config, identity, previous_wandb_id(output_dir) if resuming else None
     )
     failed = True
     try:

@@ -6,12 +6,18 @@ counts the jobs once when the multirun starts, stores the count in the sweep fol
 in other processes or on other nodes read it, and prints `[job k/N] overrides` when each job starts.
 A sweeper that expands its own values (e.g. a generated layer sweep) calls `write_sweep_size` before its first batch
 (which runs after `on_multirun_start`) to give the true count.
+
+`sweep.json` also holds the sweep's `id`, drawn once when the multirun starts (kept when `resume=` continues
+it): the W&B group is the sweep folder plus that id, so two sweeps into folders of the same name (or the same
+folder twice) never share a group, while every job of one sweep, in any process or node, joins the same one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,20 +44,51 @@ def count_jobs(overrides: list[str]) -> int:
     return len(batch)
 
 
-def write_sweep_size(sweep_dir: str | Path, num_jobs: int) -> None:
-    """Record the number of jobs of the sweep in `sweep_dir/sweep.json` (read by every job)."""
+def read_sweep_file(sweep_dir: str | Path) -> dict[str, Any]:
+    """The contents of `sweep_dir/sweep.json` (`num_jobs`, `id`), {} when absent or unreadable."""
+    try:
+        written = json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return written if isinstance(written, dict) else {}
+
+
+def update_sweep_file(sweep_dir: str | Path, **entries: Any) -> None:
+    """Set `entries` in `sweep_dir/sweep.json`, keeping its other entries."""
     folder = Path(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / SWEEP_FILE).write_text(json.dumps({"num_jobs": int(num_jobs)}))
+    (folder / SWEEP_FILE).write_text(json.dumps({**read_sweep_file(folder), **entries}))
+
+
+def write_sweep_size(sweep_dir: str | Path, num_jobs: int) -> None:
+    """Record the number of jobs of the sweep in `sweep_dir/sweep.json` (read by every job)."""
+    update_sweep_file(sweep_dir, num_jobs=int(num_jobs))
 
 
 def read_sweep_size(sweep_dir: str | Path) -> int | None:
     """The number of jobs recorded by `write_sweep_size`, or None when unknown."""
-    path = Path(sweep_dir) / SWEEP_FILE
     try:
-        return int(json.loads(path.read_text())["num_jobs"])
-    except (OSError, ValueError, KeyError):
+        return int(read_sweep_file(sweep_dir)["num_jobs"])
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def start_sweep_id(sweep_dir: str | Path, resuming: bool = False) -> str:
+    """Draw the sweep's id (8 hex digits of a hash of the folder's absolute path and the time) into
+    sweep.json; a resumed sweep keeps the id it has. Returns the id."""
+    if resuming and (kept := read_sweep_file(sweep_dir).get("id")):
+        return str(kept)
+    seed = f"{Path(sweep_dir).resolve()}|{time.time_ns()}"
+    new = hashlib.sha1(seed.encode()).hexdigest()[:8]
+    update_sweep_file(sweep_dir, id=new)
+    return new
+
+
+def sweep_id(sweep_dir: str | Path) -> str:
+    """The sweep's id from sweep.json, else (a multirun started without `JobProgress`) 8 hex digits of a hash
+    of the folder's absolute path."""
+    written = read_sweep_file(sweep_dir).get("id")
+    return str(written) if written else hashlib.sha1(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:8]
 
 
 def job_overrides(hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
@@ -72,18 +109,28 @@ def job_overrides(hydra_cfg: DictConfig | None = None) -> dict[str, Any]:
 
 
 def sweep_group(hydra_cfg: DictConfig | None = None) -> str | None:
-    """The W&B group of a multirun job: its sweep folder relative to `outputs/multirun` when under it
-    (`2026-11-27/03-15-00`), else the folder's name; None outside a multirun."""
+    """The W&B group of a multirun job, unique per sweep: its sweep folder relative to `outputs/multirun` when
+    under it (else the folder's name), a dash and the sweep's id (`2026-11-27/03-15-00-1a2b3c4d`, see
+    `sweep_id`); None outside a multirun."""
     hydra_cfg = hydra_cfg if hydra_cfg is not None else _hydra_or_none()
     if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     sweep_dir = Path(str(hydra_cfg.sweep.dir))
     parts = sweep_dir.parts
+    readable = sweep_dir.name
     if "multirun" in parts:
         rest = parts[len(parts) - parts[::-1].index("multirun") :]
-        if rest:
-            return "/".join(rest)
-    return sweep_dir.name
+        readable = "/".join(rest) or readable
+    return f"{readable}-{sweep_id(sweep_dir)}"
+
+
+def method_choice(hydra_cfg: DictConfig | None = None) -> str | None:
+    """The job's `method=` option (`caap`, `libragrad_fullgrad_plus`), None outside a Hydra app."""
+    hydra_cfg = hydra_cfg if hydra_cfg is not None else _hydra_or_none()
+    if hydra_cfg is None:
+        return None
+    choice = (hydra_cfg.runtime.get("choices") or {}).get("method")
+    return None if choice is None else str(choice)
 
 
 def job_position(hydra_cfg: DictConfig | None = None) -> tuple[int, int | None] | None:
@@ -113,9 +160,11 @@ def _hydra_or_none() -> DictConfig | None:
 
 
 class JobProgress(Callback):
-    """Hydra callback: counts the jobs of a multirun (`sweep.json`) and prints `[job k/N] overrides` per job."""
+    """Hydra callback: draws the sweep's id and counts its jobs (`sweep.json`), prints `[job k/N] overrides`
+    when each job starts."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        start_sweep_id(config.hydra.sweep.dir, resuming=bool(config.get("resume")))
         overrides = list(config.hydra.overrides.task)
         params = config.hydra.sweeper.get("params") or {}
         overrides = [f"{k}={v}" for k, v in params.items()] + overrides

@@ -15,16 +15,31 @@ from caap.data.sampler import ContiguousDistributedSampler, world
 log = logging.getLogger(__name__)
 
 
-def select_indices(n: int, limit: int | None = None, shard: int = 0, num_shards: int = 1) -> list[int]:
-    """Dataset indices a run evaluates: the first `limit` of range(n), then every `num_shards`-th from `shard`."""
+def select_indices(
+    n: int,
+    limit: int | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    readable: Callable[[int], bool] | None = None,
+) -> list[int]:
+    """Dataset indices a run evaluates: the first `limit` of range(n) that `readable` accepts (every index when
+    None; asked in order, only until `limit` are found), then every `num_shards`-th from `shard`."""
     if num_shards < 1:
         raise ValueError(f"data.num_shards must be >= 1; got {num_shards}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"data.shard must lie in [0, data.num_shards={num_shards}); got data.shard={shard}")
     if limit is not None and limit < 1:
         raise ValueError(f"data.limit must be a positive number of samples or null; got {limit}")
-    first = n if limit is None else min(limit, n)
-    return list(range(first))[shard::num_shards]
+    if readable is None:
+        chosen = list(range(n if limit is None else min(limit, n)))
+    else:
+        chosen = []
+        for index in range(n):
+            if limit is not None and len(chosen) == limit:
+                break
+            if readable(index):
+                chosen.append(index)
+    return chosen[shard::num_shards]
 
 
 class AttributionDataModule(L.LightningDataModule):
@@ -100,11 +115,39 @@ class AttributionDataModule(L.LightningDataModule):
         self._dataset = dataset
         return dataset
 
+    def readable(self, index: int) -> bool:
+        """Whether sample `index` can be read (the dataset's `readable`, e.g. PIL decodes the file; True when the
+        dataset has none: generated data)."""
+        check = getattr(self.dataset, "readable", None)
+        return True if check is None else bool(check(index))
+
     @property
     def indices(self) -> list[int]:
-        """The selected dataset indices: the first `limit`, then shard `shard` of `num_shards`."""
+        """The selected dataset indices: the first `limit` readable samples, then shard `shard` of `num_shards`.
+
+        Unreadable samples are found here, once (the dataset names each in a warning; one more warning gives
+        the count), so that every later stage (setup checks, calibration, loading) sees readable images only.
+        """
         if self._indices is None:
-            self._indices = select_indices(len(self.dataset), self.limit, self.shard, self.num_shards)  # type: ignore[arg-type]
+            skipped: list[int] = []
+
+            def readable(index: int) -> bool:
+                ok = self.readable(index)
+                if not ok:
+                    skipped.append(index)
+                return ok
+
+            self._indices = select_indices(
+                len(self.dataset),  # type: ignore[arg-type]
+                self.limit,
+                self.shard,
+                self.num_shards,
+                readable if hasattr(self.dataset, "readable") else None,
+            )
+            if skipped:
+                describe = getattr(self.dataset, "describe", str)
+                named = ", ".join(describe(i) for i in skipped[:20]) + (", ..." if len(skipped) > 20 else "")
+                log.warning("AttributionDataModule: left out %d unreadable image(s): %s", len(skipped), named)
             if not self._indices:
                 log.warning(
                     "AttributionDataModule: no samples selected (dataset of %d, limit=%s, shard %d of %d)",

@@ -102,8 +102,8 @@ class RunOutputs(L.Callback):
     (`bootstrap`: resamples, seed, level, interval kind, resampled unit; see `caap.stats`), the run facts
     (`AttributionModule.run.facts`), `seconds` since the run started, `images_per_second`, the test loop's own
     rate (`loop`: its seconds and images/s from the first batch to the metrics' compute, and images/s after the
-    first batch, which pays for worker start-up and kernel selection), the W&B run's folder and mode when W&B
-    logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
+    first batch, which pays for worker start-up and kernel selection), the W&B run's folder, mode and group when
+    W&B logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
     `on_test_end` (so after the other outputs, whatever the callbacks' order): a resumed run skips only runs
     that got here (`caap.resume`). A test that raised never reaches `teardown`.
     """
@@ -164,7 +164,9 @@ class RunOutputs(L.Callback):
         logger = wandb_logger(trainer)
         if logger is not None:
             run = logger.experiment
-            payload.update(wandb_dir=str(Path(run.dir).parent), wandb_mode=run.settings.mode)
+            payload.update(
+                wandb_dir=str(Path(run.dir).parent), wandb_mode=run.settings.mode, wandb_group=run.group
+            )
             run.summary.update({"seconds": seconds, "num_maps": self.num_maps})
         payload[FINISHED_KEY] = True  # written last: see caap.resume
         (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
@@ -249,11 +251,18 @@ class SampleImages(L.Callback):
 
 
 class WandbMedia(L.Callback):
-    """Logs to W&B (global rank 0): overlays of the first `num_images` maps, the per-image table, and each
-    result with its bootstrap CI in the run summary (`test/<name>`, `test/<name>/ci_low`, `.../ci_high`)."""
+    """Logs to W&B (global rank 0) what a dashboard compares runs on: each result with its bootstrap CI in the
+    run summary (`test/<name>`, `test/<name>/ci_low`, `.../ci_high`), each result's direction in the config
+    (`higher_is_better`: `{name: bool}`), each mean curve as a table `curves/<name>_table` (`x`, `y`, and the
+    band `low`, `high` where the metric has one) with a line plot `curves/<name>` (the same key in every run,
+    so the dashboard overlays runs), the per-image table `per_image` (the first `max_table_rows` rows by
+    (index, class); the summary says `per_image_total_rows` and `per_image_capped`), and overlays of the first
+    `num_images` maps (`maps`). The run's identity (method name, layer range, group, job type) is set when it
+    starts (`caap.loggers`)."""
 
-    def __init__(self, num_images: int = 16) -> None:
+    def __init__(self, num_images: int = 16, max_table_rows: int = 10_000) -> None:
         self.num_images = num_images
+        self.max_table_rows = max_table_rows
         self.panels: list[tuple[Any, str]] = []
 
     def on_test_batch_end(
@@ -288,19 +297,48 @@ class WandbMedia(L.Callback):
         import wandb
 
         assert isinstance(pl_module, AttributionModule)
+        run = logger.experiment
         payload: dict[str, Any] = {}
         if self.panels:
             payload["maps"] = [wandb.Image(pic, caption=cap) for pic, cap in self.panels]
         rows = per_sample_rows(pl_module, pl_module.run.class_names)
         if rows:
             columns: list[Any] = list(dict.fromkeys(k for row in rows for k in row))
+            kept = rows[: self.max_table_rows]
             payload["per_image"] = wandb.Table(
-                columns=list(columns), data=[[r.get(c) for c in columns] for r in rows]
+                columns=columns, data=[[r.get(c) for c in columns] for r in kept]
             )
+            run.summary.update({"per_image_total_rows": len(rows), "per_image_capped": len(kept) < len(rows)})
+            if len(kept) < len(rows):
+                log.warning(
+                    "W&B per_image table: the first %d of %d rows (per_image.csv holds all)",
+                    len(kept),
+                    len(rows),
+                )
+        payload.update(curve_plots(pl_module))
+        directions = {n: higher_is_better(n, pl_module.scored_metrics) for n in pl_module.results}
+        run.config.update({"higher_is_better": directions}, allow_val_change=True)
         for name, value in pl_module.results.items():
-            logger.experiment.summary[f"test/{name}"] = value
+            run.summary[f"test/{name}"] = value
         for name, (low, high) in interval_payload(pl_module).items():
-            logger.experiment.summary[f"test/{name}/ci_low"] = low
-            logger.experiment.summary[f"test/{name}/ci_high"] = high
+            run.summary[f"test/{name}/ci_low"] = low
+            run.summary[f"test/{name}/ci_high"] = high
         if payload:
-            logger.experiment.log(payload)
+            run.log(payload)
+
+
+def curve_plots(module: AttributionModule) -> dict[str, Any]:
+    """`{curves/<name>: line plot}` of each mean curve (`wandb.plot.line` over a table of `x`, `y`, `low`,
+    `high` (the band, where the metric has one), logged as `curves/<name>_table`)."""
+    import wandb
+
+    plots: dict[str, Any] = {}
+    for name, curve in curve_payload(module).items():
+        columns = [c for c in ("x", "y", "low", "high") if c in curve]
+        table = wandb.Table(
+            columns=columns, data=[list(row) for row in zip(*(curve[c] for c in columns), strict=True)]
+        )
+        better = "higher" if higher_is_better(name, module.scored_metrics) else "lower"
+        title = f"{name}: mean curve with 95% band (area: {better} is better)"
+        plots[f"curves/{name}"] = wandb.plot.line(table, "x", "y", title=title)
+    return plots

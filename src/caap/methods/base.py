@@ -2,9 +2,9 @@
 
 Besides `attribute`, a method may offer optional capabilities, declared here with defaults that mean "not
 offered", so that the run and the metrics call them without probing: `setup` (validate against the model),
-`prepare` (statistics of the evaluated data), `completeness_terms` (LibraGrad's Completeness Error) and the
-layer-range trio `layer_ranges` / `range_maps` / `use_layer_range` (`layers=auto`), with
-`estimated_range_maps` for screening ranges.
+`prepare` (statistics of the evaluated data), `completeness_terms` (LibraGrad's Completeness Error), the
+range it maps at (`layer_range`) and the layer-range trio `layer_ranges` / `range_maps` / `use_layer_range`
+(`layers=auto`), with `estimated_range_maps` for screening ranges.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class AttributionMethod(ABC):
         return None
 
     # -- layer-range selection (layers=auto) ------------------------------------------------------------------
+    def layer_range(self, model: ViTClassifier) -> tuple[int, int] | None:
+        """The resolved range `(start, stop)` of residual positions the method maps at on `model`; None
+        (default) for a method without a layer range."""
+        return None
+
     def layer_ranges(self, model: ViTClassifier) -> list[tuple[int, int]]:
         """The layer ranges `(start, stop)` the method can map at on `model`; empty (default) when the method
         has no layer range, which `layers=auto` refuses."""

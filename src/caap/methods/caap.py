@@ -277,18 +277,10 @@ class CAAP(AttributionMethod):
             chunk = ChunkSize(self.chunk_for(model, unique))  # halved on CUDA out-of-memory errors
         self.cost.add_blocks(unique.shape[0], max(positions), model.depth)
         ctx = PatchingContext(
-            model,
-            states,
-            prefixes,
-            logits,
-            targets,
-            self.mode,
-            self.score,
-            chunk,
-            self.head_tokens_only,
-            self.cost,
-            self.compile,
-        )
+            model=model, states=states, prefixes=prefixes, neutral_logits=logits, targets=targets,
+            mode=self.mode, score=self.score, chunk_size=chunk, head_tokens_only=self.head_tokens_only,
+            cost=self.cost, compile=self.compile,
+        )  # fmt: skip
 
         def to_maps(scores: Tensor, spread: Tensor | None = index) -> Tensor:  # [U, K, n or N] -> [B, gh, gw]
             rows = scores[inverse, slot]
