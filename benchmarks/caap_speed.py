@@ -1,4 +1,5 @@
-"""CAAP engine speed: the batched engine vs a per-patch reference loop vs Captum's FeatureAblation.
+"""CAAP engine speed: the batched engine (eager, or with `compile`) vs a per-patch reference loop vs Captum's
+FeatureAblation.
 
 Same model, same images, one run. CAAP (arXiv 2603.13652) costs N partial forward passes per image (from
 `start` on); Captum's `FeatureAblation` with one feature per patch (baseline = the neutral image) costs N full
@@ -12,11 +13,13 @@ warm-up), so that a drifting background load hits every method alike. Peak memor
 once more in a fresh subprocess and reports its peak RSS minus its RSS before the method (`--no-memory` skips
 it). The engine's own activation estimate for its chunk is printed beside it. Model FLOP utilisation counts,
 per image, N patched passes x (L - start) / L of one forward (2 FLOPs per multiply-add; ~35 GFLOP for ViT-B/16).
+`engine_compiled` is the engine with `method.compile=true` (its warm-up, which compiles, is reported apart);
+several `--start` values are measured in one process (the compiled graphs are shared between them).
 
 Examples:
     python benchmarks/caap_speed.py --models fashiongrid vit_small_patch16_224 --images 4
-    python benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 --start 4 \
-        --images 64 --peak-tflops 989
+    python benchmarks/caap_speed.py --device cuda --dtype bf16 --models vit_base_patch16_224 --start 4 0 \
+        --methods engine engine_compiled captum reference --images 64 --peak-tflops 989 --json rows.json
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 
 import torch
 
-METHODS = ("engine", "captum", "reference")
+METHODS = ("engine", "engine_compiled", "captum", "reference")
+DEFAULT_METHODS = ("engine", "captum", "reference")
 ALIASES = {"fashiongrid": "vit_fashiongrid_patch7_56"}
 
 
@@ -156,20 +160,23 @@ def captum_ablation(
     )
 
 
-def prepare(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
-    """Model, images, targets, neutral image, CAAP object and sizes for one model."""
+def prepare(args: argparse.Namespace, model_name: str, start_arg: int | None) -> dict[str, Any]:
+    """Model, images, targets, neutral image, CAAP objects and sizes for one model and start."""
     from caap.methods.caap import CAAP
     from caap.models.memory import estimate_sequence_bytes
 
     device = args.device
     model, pretrained = _build(model_name, device, args.fused)
     depth = model.depth
-    start = args.start if args.start is not None else depth // 3
+    start = start_arg if start_arg is not None else depth // 3
     size = model.model.patch_embed.img_size
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(max(args.images, args.ref_images), 3, *size, generator=gen).to(device)
     method = CAAP(start=start, stop=args.stop, neutral="mean_color", chunk_size=args.chunk_size)
     method.setup(model)
+    compiled = CAAP(
+        start=start, stop=args.stop, neutral="mean_color", chunk_size=args.chunk_size, compile=True
+    )
     gh, gw = model.grid_size(images)
     num_tokens = gh * gw + model.num_prefix_tokens
     with torch.no_grad(), autocast(args):
@@ -187,6 +194,7 @@ def prepare(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
         target=target,
         neutral=neutral,
         method=method,
+        compiled=compiled,
         start=start,
         depth=depth,
         num_patches=gh * gw,
@@ -213,6 +221,8 @@ def make_call(args: argparse.Namespace, ctx: dict[str, Any], method: str) -> Any
         with torch.no_grad(), autocast(args):
             if method == "engine":
                 ctx["method"](model, images, target)
+            elif method == "engine_compiled":
+                ctx["compiled"](model, images, target)
             elif method == "captum":
                 captum_ablation(model, images, target, neutral, max(1, ctx["chunk"] // n))
             else:
@@ -223,9 +233,9 @@ def make_call(args: argparse.Namespace, ctx: dict[str, Any], method: str) -> Any
     return call
 
 
-def memory_worker(args: argparse.Namespace, model_name: str, method: str) -> float:
+def memory_worker(args: argparse.Namespace, model_name: str, start: int | None, method: str) -> float:
     """Peak memory (MB) of one run of `method` above what was in use before it."""
-    ctx = prepare(args, model_name)
+    ctx = prepare(args, model_name, start)
     call = make_call(args, ctx, method)
     if torch.device(args.device).type == "cuda":
         torch.cuda.synchronize()
@@ -244,14 +254,32 @@ def memory_worker(args: argparse.Namespace, model_name: str, method: str) -> flo
     return max(0.0, _peak_rss_mb() - before)
 
 
-def bench_model(args: argparse.Namespace, model_name: str) -> list[dict[str, Any]]:
-    """Rows (one per method) for one model: interleaved timing, then peak memory."""
-    ctx = prepare(args, model_name)
+def save_trace(call: Any, path: Path, cuda: bool) -> None:
+    """A torch profiler trace (Chrome format) of one call, and its top operators by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        call()
+    prof.export_chrome_trace(str(path))
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), file=sys.stderr)
+
+
+def bench_model(
+    args: argparse.Namespace, model_name: str, start: int | None, trace: Path | None = None
+) -> list[dict[str, Any]]:
+    """Rows (one per method) for one model and start: interleaved timing, then peak memory; with `trace`, a
+    profiler trace of one engine call."""
+    ctx = prepare(args, model_name, start)
     calls = {m: make_call(args, ctx, m) for m in args.methods}
     times: dict[str, list[float]] = {m: [] for m in args.methods}
-    for m in args.methods:  # warm-up (the reference loop is only warmed by the others)
+    warmup: dict[str, float] = {}
+    for m in args.methods:  # warm-up (the reference loop is only warmed by the others; compile happens here)
         if m != "reference":
+            t0 = time.perf_counter()
             calls[m]()
+            warmup[m] = time.perf_counter() - t0
     for r in range(args.repeats):
         for m in args.methods:
             if m == "reference" and r > 0:
@@ -261,6 +289,8 @@ def bench_model(args: argparse.Namespace, model_name: str) -> list[dict[str, Any
             times[m].append(time.perf_counter() - t0)
             print(f"  {ctx['label']} {m}: {times[m][-1]:.2f} s", file=sys.stderr, flush=True)
     cuda = torch.device(args.device).type == "cuda"
+    if trace is not None and "engine" in calls:
+        save_trace(calls["engine"], trace, cuda)
     rows = []
     for m in args.methods:
         n = args.ref_images if m == "reference" else args.images
@@ -269,7 +299,7 @@ def bench_model(args: argparse.Namespace, model_name: str) -> list[dict[str, Any
         elif cuda:
             peak = memory_worker_in_process(ctx, calls[m])
         else:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-worker", model_name, m]
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--memory-worker", model_name, str(start), m]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@PEAK")]
             peak = float(lines[-1][6:]) if lines else math.nan
@@ -281,13 +311,15 @@ def bench_model(args: argparse.Namespace, model_name: str) -> list[dict[str, Any
             "start": ctx["start"],
             "images": n,
             "chunk": ctx["chunk"],
+            "dtype": args.dtype,
             "seconds": best,
+            "warmup_seconds": warmup.get(m, math.nan),
             "images_per_s": n / best,
             "peak_mb": peak,
             "chunk_est_mb": min(ctx["chunk"], n * ctx["num_patches"]) * ctx["seq_bytes"] / 2**20,
             "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads",
         }
-        if m == "engine":
+        if m.startswith("engine"):
             frac = (ctx["depth"] - ctx["start"]) / ctx["depth"]
             row["flops_per_image"] = (
                 ctx["num_patches"] * frac * forward_flops(ctx["model"], ctx["num_tokens"])
@@ -310,18 +342,18 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     device = rows[0]["device"] if rows else args.device
     print(f"\ndevice: {device}, dtype {args.dtype}, fused attention {args.fused}")
     header = (
-        f"{'model':36} {'method':9} {'L':>3} {'start':>5} {'imgs':>4} {'chunk':>5} {'s':>8} {'img/s':>8} "
+        f"{'model':36} {'method':15} {'L':>3} {'start':>5} {'imgs':>4} {'chunk':>5} {'s':>8} {'img/s':>8} "
         f"{'vs captum':>9} {'vs ref':>8} {'peak MB':>8} {'est MB':>7} {'MFU':>6}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        same = [r for r in rows if r["model"] == row["model"]]
+        same = [r for r in rows if (r["model"], r["start"]) == (row["model"], row["start"])]
         cap = next((r["images_per_s"] for r in same if r["method"] == "captum"), math.nan)
         ref = next((r["images_per_s"] for r in same if r["method"] == "reference"), math.nan)
         mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else ""
         print(
-            f"{row['model']:36} {row['method']:9} {row['depth']:>3} {row['start']:>5} {row['images']:>4} "
+            f"{row['model']:36} {row['method']:15} {row['depth']:>3} {row['start']:>5} {row['images']:>4} "
             f"{row['chunk']:>5} {row['seconds']:>8.2f} {row['images_per_s']:>8.3f} "
             f"{row['images_per_s'] / cap:>8.2f}x {row['images_per_s'] / ref:>7.1f}x {row['peak_mb']:>8.0f} "
             f"{row['chunk_est_mb']:>7.0f} {mfu:>6}"
@@ -338,12 +370,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["fashiongrid", "vit_small_patch16_224"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--images", type=int, default=4, help="images for the engine and Captum")
     parser.add_argument("--ref-images", type=int, default=1, help="images for the slow reference loop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast")
-    parser.add_argument("--start", type=int, default=None, help="layers.start (default L // 3)")
+    parser.add_argument(
+        "--start", type=int, nargs="+", default=[None], help="layers.start, one or more (default L // 3)"
+    )
     parser.add_argument("--stop", type=int, default=None, help="layers.stop (default: through L)")
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="sequences per pass (default: from memory)"
@@ -358,15 +392,26 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
-    parser.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--trace", type=Path, default=None, help="a profiler trace of one engine call (first model and start)"
+    )
+    parser.add_argument(
+        "--memory-worker", nargs=3, metavar=("MODEL", "START", "METHOD"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.memory_worker:
-        print(f"@@PEAK{memory_worker(args, *args.memory_worker)}")
+        name, start, method = args.memory_worker
+        print(f"@@PEAK{memory_worker(args, name, None if start == 'None' else int(start), method)}")
         return
-    rows = [row for name in args.models for row in bench_model(args, name)]
+    cases = [(name, start) for name in args.models for start in args.start]
+    rows = [
+        row
+        for i, (name, start) in enumerate(cases)
+        for row in bench_model(args, name, start, args.trace if i == 0 else None)
+    ]
     print_table(rows, args)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

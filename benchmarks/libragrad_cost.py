@@ -11,8 +11,10 @@ time and its ratio to the plain pass (and, on CUDA, the peak memory of one pass 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +40,7 @@ def main() -> None:
         help="LibraGrad's fused-attention backward (env CAAP_LIBRAGRAD_ATTENTION_BACKWARD)",
     )
     parser.add_argument("--profile", action="store_true", help="also print the top ops of plain vs preset 1")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
     args = parser.parse_args()
     if args.attention_backward:
         os.environ["CAAP_LIBRAGRAD_ATTENTION_BACKWARD"] = args.attention_backward
@@ -100,11 +103,27 @@ def main() -> None:
         f"{os.environ.get('CAAP_LIBRAGRAD_ATTENTION_BACKWARD', 'auto')} (best of each kind, interleaved)"
     )
     plain = min(times[None])
+    rows = []
     for kind in kinds:
         best = min(times[kind])
         memory = f"  peak {peak[kind]:8.1f} MiB" if cuda else ""
         label = kind or "plain"
         print(f"  {label:10s} {best * 1e3:9.2f} ms  ratio {best / plain:6.3f}{memory}")
+        rows.append(
+            {
+                "model": args.model,
+                "device": name,
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "attention_backward": os.environ.get("CAAP_LIBRAGRAD_ATTENTION_BACKWARD", "auto"),
+                "kind": label,
+                "ms": best * 1e3,
+                "ratio_to_plain": best / plain,
+                "peak_mib": peak.get(kind),
+            }
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,16 +49,30 @@ against one forward per (pair, step) (2.4-3.3x for the token metrics, 2.1-2.3x f
 sharing: the 15 token metrics (MIF / LIF / SRG x 5 scores) together cost one MIF + LIF computation, 12x less
 than 15 separate per-step loops.
 
-Example:
+With `--quantus` it compares instead, on any timm model and device, the patch-deletion curve of the pixel path
+(nearest-upsampled patch maps, one patch a step, black baseline, target logits: K = N steps) with Quantus's
+RegionPerturbation on the same curves (MoRF, patch-sized regions, one forward per image and step): same
+images, same maps, values checked in float32 on two images, time in the chosen dtype (bf16 = autocast for both,
+Quantus through a wrapper; Quantus 0.6 runs one forward per step over the batch of images), and, for reference, our 15 token metrics (MIF / LIF / SRG x 5 scores) on the same
+pairs. `--json` writes the figures.
+
+Examples:
     python benchmarks/metric_speed.py --images 8 --repeats 3 --threads 1
+    python benchmarks/metric_speed.py --quantus --device cuda --model vit_base_patch16_224 --dtype bf16 \
+        --images 8 --json quantus.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -217,6 +231,129 @@ def ours_alone(cls: type, batch: AttributionBatch, model: ViTClassifier, **kwarg
     return run
 
 
+class AutocastModel(torch.nn.Module):
+    """`model` under autocast to `dtype` with float32 logits: how Quantus (which calls `model(x)`) runs bf16."""
+
+    def __init__(self, model: ViTClassifier, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        with torch.autocast(device, dtype=self.dtype) if self.dtype else contextlib.nullcontext():
+            return self.model(x).float()
+
+
+def quantus_comparison(args: argparse.Namespace) -> dict[str, Any]:
+    """Our patch-deletion curves vs Quantus RegionPerturbation on the same images and maps (see the docstring)."""
+    import numpy as np
+    import quantus
+
+    from caap.metrics.functional.pixel_perturbation import pixel_perturbation_outcomes
+    from caap.models import build_model
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = build_model(args.model).to(device).eval()
+    size = tuple(model.model.patch_embed.img_size)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.images, 3, *size, generator=g)
+    gh, gw = model.grid_size(images)
+    maps = torch.randn(args.images, gh, gw, generator=g)  # random patch values: no ties
+    with torch.no_grad():
+        classes = model(images.to(device)).argmax(-1).cpu()
+    steps, patch = gh * gw, model.patch_size[0]
+    up = F.interpolate(maps[:, None], size=size, mode="nearest")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def ours(n: int, low: torch.dtype | None) -> Tensor:  # drops [n, K]: logit_0 - logit_k
+        amp = torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()
+        with torch.no_grad(), amp:
+            out = pixel_perturbation_outcomes(
+                model,
+                images[:n],
+                maps[:n],
+                classes[:n],
+                "deletion",
+                "black",
+                steps,
+                "nearest",
+                args.max_batch,
+            )
+        sync()
+        return (out.logit[:, :1] - out.logit[:, 1:]).float().cpu()
+
+    def theirs(n: int, low: torch.dtype | None) -> np.ndarray:
+        metric = quantus.RegionPerturbation(
+            patch_size=patch, regions_evaluation=steps, order="morf", normalise=False, abs=False,
+            perturb_baseline=0.0, disable_warnings=True,
+        )  # fmt: skip
+        got = metric(
+            model=AutocastModel(model, low).eval(), x_batch=images[:n].numpy(), y_batch=classes[:n].numpy(),
+            a_batch=up[:n].numpy(), device=str(device), softmax=False, channel_first=True,
+        )  # fmt: skip
+        sync()
+        return np.asarray(got, dtype=np.float64)
+
+    check = min(2, args.images)
+    want, got = theirs(check, None), ours(check, None).numpy()
+    diff = float(np.abs(want - got).max())
+    scale = float(np.abs(want).max())
+    ours(args.images, dtype)  # warm-up (kernels, autotuning)
+    best = math.inf
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        ours(args.images, dtype)
+        best = min(best, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    theirs(args.images, dtype)  # one forward per image and step: timed once
+    quantus_seconds = time.perf_counter() - t0
+
+    batch = AttributionBatch(
+        images=images.to(device), maps=maps.to(device), classes=classes.to(device),
+        index=torch.arange(args.images, device=device),
+    )  # fmt: skip
+
+    def token_metrics() -> None:
+        amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        fresh_batch = fresh(batch)
+        with torch.no_grad(), amp:
+            for cls in TOKEN_METRICS.values():
+                for score in SCORES:
+                    cls(score=score).to(device).update(fresh_batch, model)
+        sync()
+
+    token_metrics()
+    t0 = time.perf_counter()
+    token_metrics()
+    token_seconds = time.perf_counter() - t0
+    result = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "dtype": args.dtype,
+        "images": args.images,
+        "steps": steps,
+        "ours_seconds": best,
+        "quantus_seconds": quantus_seconds,
+        "speedup_vs_quantus": quantus_seconds / best,
+        "ours_curves_per_second": args.images / best,
+        "quantus_curves_per_second": args.images / quantus_seconds,
+        "float32_check_images": check,
+        "float32_max_abs_diff": diff,
+        "float32_values_match": diff <= 1e-3 * max(1.0, scale),
+        "token_metrics_15_seconds": token_seconds,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,8 +361,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="FashionGrid test grids (one pair per class)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--quantus", action="store_true", help="our patch deletion vs Quantus RegionPerturbation"
+    )
+    parser.add_argument(
+        "--model", default="vit_base_patch16_224", help="--quantus: timm model (random weights)"
+    )
+    parser.add_argument("--device", default="cpu", help="--quantus: device")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="--quantus: bf16 = autocast"
+    )
+    parser.add_argument("--max-batch", type=int, default=256, help="--quantus: images per forward (ours)")
+    parser.add_argument("--json", type=Path, default=None, help="--quantus: write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quantus:
+        quantus_comparison(args)
+        return
+    if args.device != "cpu":
+        parser.error("the FashionGrid loops run on the CPU; --device is for --quantus")
     model, batch = load(args.images)
     print(
         f"FashionGrid model, {args.images} images, {len(batch)} (image, class) pairs, {args.threads} thread(s)"

@@ -120,14 +120,19 @@ READ_BACKS = ("item", "tolist", "nonzero", "numpy", "__bool__", "__int__", "__fl
 
 def test_chunk_loop_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU each of these waits for the device (a host-device synchronisation); the loop over chunks of
-    `range_scores` (trunk, branches, scores) must call none of them. CPU stand-in for the `gpu` test below."""
+    `range_scores` (trunk, branches, scores; all runs, or explicit (image, patch) pairs as the estimators ask)
+    must call none of them. CPU stand-in for the `gpu` test below."""
     model, x = fg_model(), images()
     start, stops = 1, [3, 5]
     states, prefix, logits, layout = engine_inputs(model, x, start, max(stops), window=2)
     targets = torch.tensor([[1, 2], [3, 3]])
     args = (model, states, prefix, targets, layout, start, stops, "hold", "delta", 5, logits)
+    _, _, _, single = engine_inputs(model, x, start, max(stops), window=1)
+    pairs = torch.tensor([[0, 5], [1, 63], [0, 0], [1, 5], [1, 17]])  # (image, patch) runs, as the estimators
+    pair_args = (model, states, prefix, targets, single, start, stops, "hold", "delta", 2, logits, True, pairs)
     with torch.no_grad():
         want = range_scores(*args)
+        want_pairs = range_scores(*pair_args)
         for name in READ_BACKS:
 
             def forbidden(*a: object, name: str = name, **k: object) -> None:
@@ -136,9 +141,12 @@ def test_chunk_loop_reads_nothing_back_from_the_device(monkeypatch: pytest.Monke
             monkeypatch.setattr(torch.Tensor, name, forbidden)
         monkeypatch.setattr(torch, "nonzero", lambda *a, **k: pytest.fail("torch.nonzero in the loop"))
         got = range_scores(*args)
+        got_pairs = range_scores(*pair_args)
         monkeypatch.undo()
+        full = range_scores(model, states, prefix, targets, single, start, stops, "hold", "delta", 7, logits)
     for e in stops:
-        assert torch.equal(got[e], want[e])
+        assert torch.equal(got[e], want[e]) and torch.equal(got_pairs[e], want_pairs[e])
+        torch.testing.assert_close(got_pairs[e], full[e][pairs[:, 0], :, pairs[:, 1]])
 
 
 def test_patch_layout_finds_each_runs_tokens() -> None:

@@ -72,3 +72,16 @@ def test_train_fashionscenes_half_weights_reload(tmp_path: Path) -> None:
     assert model.model.patch_embed.grid_size == (14, 14) and len(model.model.blocks) == 2
     assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5]
     assert model(torch.rand(2, 3, 112, 112)).shape == (2, 10)
+
+
+def test_train_max_time_stops_the_training_then_tests_and_exports(tmp_path: Path) -> None:
+    """`max_time` (a GPU run's safety net) ends the training early (here at once); the model is still tested
+    and its card written, with the steps actually taken and the rate of the images actually seen."""
+    cfg = compose_train("train", tmp_path, "train_size=320", "val_size=32", "max_time=00:00:00:00")
+    card = train(cfg)
+    assert card["train_steps"] < 10 and card["config"]["max_time"] == "00:00:00:00"  # 320 / 32 planned
+    assert card["train_images_per_second"] == pytest.approx(
+        32 * card["train_steps"] / card["train_seconds"], rel=0.1
+    )
+    assert 0.0 <= card["test_mAP"] <= 1.0
+    assert json.loads((tmp_path / "vit_fashiongrid_patch7_56.json").read_text()) == card

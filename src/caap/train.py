@@ -103,6 +103,7 @@ def train(cfg: DictConfig) -> dict:
             shuffle=split == "train",
             num_workers=cfg.num_workers,
             persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # Lightning copies batches to the GPU non_blocking
         )
         for split, data in datasets.items()
     }
@@ -118,6 +119,7 @@ def train(cfg: DictConfig) -> dict:
         precision=cfg.precision,
         default_root_dir=out,
         val_check_interval=cfg.val_check_interval,
+        max_time=cfg.get("max_time"),
         logger=L.pytorch.loggers.CSVLogger(out, name="train"),
         enable_checkpointing=False,
         gradient_clip_val=1.0,
@@ -126,6 +128,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     trainer.fit(module, loaders["train"], loaders["val"])
     train_seconds = time.perf_counter() - started
+    seen = min(cfg.epochs * cfg.train_size, trainer.global_step * cfg.batch_size)  # images trained on
     model.eval()
     weights = {k: v.detach().cpu().contiguous() for k, v in model.model.state_dict().items()}
     card_extra = {}
@@ -148,7 +151,8 @@ def train(cfg: DictConfig) -> dict:
         "test_AP_per_class": dict(zip(map(str, classes), per_class, strict=True)),
         "weights_dtype": "float16" if cfg.half else "float32",
         "train_seconds": round(train_seconds, 1),
-        "train_images_per_second": round(cfg.epochs * cfg.train_size / train_seconds, 2),
+        "train_steps": trainer.global_step,  # fewer than planned when max_time stopped the training
+        "train_images_per_second": round(seen / train_seconds, 2),
         "device": device_description(trainer),
         "command": " ".join(["python -m caap.train", *sys.argv[1:]]),
         "config": card_config(cfg),

@@ -204,7 +204,7 @@ class LoopClock:
             "images": self.images,
             "images_per_second": self.images / seconds if seconds > 0 else math.nan,
             "after_first_batch_images_per_second": (self.images - self.first_images) / rest
-            if rest > 0
+            if rest > 0 and self.images > self.first_images  # NaN: a single batch
             else math.nan,
         }
 
