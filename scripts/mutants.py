@@ -56,6 +56,8 @@ PIXELS = "src/caap/metrics/functional/pixel_perturbation.py"
 POINTING = "src/caap/metrics/functional/pointing.py"
 LOCALISATION = "src/caap/metrics/functional/localisation.py"
 REFERENCES = "src/caap/references/images.py"
+BOOTSTRAP = "src/caap/stats/bootstrap.py"
+PAIRED = "src/caap/stats/paired.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- CAAP engine ------------------------------------------------------------------------------------------
@@ -78,16 +80,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "caap-skip-first-write",
         PATCHING,
-        "            if j in write_at and rows.numel():",
-        "            if j in write_at and j > start and rows.numel():",
+        "            if j in write_at and some:",
+        "            if j in write_at and j > start and some:",
         ("tests/test_caap.py",),
         "the source tokens are not written at the first position of the range",
     ),
     Mutant(
         "caap-neutral-prefix-of-first-image",
         PATCHING,
-        "x = prefix.index_select(0, b if nb > 1 else torch.zeros_like(b))",
-        "x = prefix.index_select(0, torch.zeros_like(b))",
+        "x = prefix.index_select(0, image if nb > 1 else torch.zeros(width, dtype=torch.long, device=device))",
+        "x = prefix.index_select(0, torch.zeros(width, dtype=torch.long, device=device))",
         ("tests/test_caap.py",),
         "an image-dependent neutral (blur) reuses the first image's prefix for every image",
     ),
@@ -117,9 +119,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "caap-noise-samples-not-averaged",
-        CAAP,
-        "maps = (total[e] / len(prefixes))[inverse, slot][:, index]",
-        "maps = total[e][inverse, slot][:, index]",
+        "src/caap/methods/caap_estimators.py",
+        "return {e: v / len(self.prefixes) for e, v in total.items()}",
+        "return {e: v for e, v in total.items()}",
         ("tests/test_caap.py",),
         "maps of several noise samples are summed, not averaged",
     ),
@@ -315,8 +317,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dedup-counts-not-reordered",
         "src/caap/metrics/localisation.py",
-        "counts = _cat(self.counts).reshape(-1, 6)[order]",
-        "counts = _cat(self.counts).reshape(-1, 6)",
+        "counts = _cat(self.counts).reshape(-1, 6)[order]\n",
+        "counts = _cat(self.counts).reshape(-1, 6)\n",
         ("tests/test_dedup.py",),
         "Gur segmentation counts of padded repeats are summed twice",
     ),
@@ -435,6 +437,38 @@ MUTANTS: tuple[Mutant, ...] = (
         "return torch.exp(-d2 / (2 * sigma))",
         ("tests/test_baselines.py",),
         "the Gaussian prior's width ignores the square of sigma",
+    ),
+    Mutant(
+        "bootstrap-resamples-pairs",
+        BOOTSTRAP,
+        "sums = cluster_sums(clusters, np.asarray(terms, dtype=np.float64).reshape(len(clusters), -1))",
+        "sums = cluster_sums(np.arange(len(clusters)), np.asarray(terms, dtype=np.float64).reshape(len(clusters), -1))",
+        ("tests/test_stats.py",),
+        "the bootstrap resamples (image, class) pairs, not images: classes of one image counted as independent",
+    ),
+    Mutant(
+        "wilcoxon-on-pairs",
+        PAIRED,
+        "wilcoxon_p(per_image), int(d.size)",
+        "wilcoxon_p(d), int(d.size)",
+        ("tests/test_stats.py",),
+        "the signed-rank test runs on per-pair differences, so an image with four classes counts four times",
+    ),
+    Mutant(
+        "holm-not-monotone",
+        PAIRED,
+        "stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])",
+        "stepped = (m - np.arange(m)) * p[order]",
+        ("tests/test_stats.py",),
+        "Holm's adjusted p-values are not made non-decreasing in the order of the raw ones",
+    ),
+    Mutant(
+        "verdict-ignores-direction",
+        PAIRED,
+        "if (up and higher_is_better) or (down and not higher_is_better):",
+        "if up:",
+        ("tests/test_stats.py",),
+        "a run is 'better' when its values are larger, also for metrics where lower is better (deletion, MIF)",
     ),
 )
 

@@ -393,12 +393,68 @@ def test_datamodule_limit_shard_and_loaders() -> None:
         _ = AttributionDataModule(42).dataset  # type: ignore[arg-type]
 
 
+def test_datamodule_pins_memory_when_its_trainer_runs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned host batches let Lightning's non_blocking copies overlap the step: pinned when the attached
+    Trainer's device is CUDA (even on a machine whose CUDA the run does not use), not on its CPU runs."""
+    from types import SimpleNamespace
+
+    dm = AttributionDataModule(SyntheticGrid(size=4, image_size=28), batch_size=2)
+    on = lambda device: SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dm.trainer = on("cpu")
+    assert dm.pins_memory() is False and dm.test_dataloader().pin_memory is False
+    dm.trainer = on("cuda:0")
+    assert dm.pins_memory() is True and dm.test_dataloader().pin_memory is True
+    dm.trainer = None  # no Trainer (e.g. a notebook): whether CUDA is there
+    assert dm.pins_memory() is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dm.pins_memory() is False
+    forced = AttributionDataModule(SyntheticGrid(size=4, image_size=28), pin_memory=False)
+    forced.trainer = on("cuda:0")
+    assert forced.pins_memory() is False
+
+
 def test_datamodule_skips_unreadable_images(image_root: Path) -> None:
     dm = AttributionDataModule(ImageFolderDataset(image_root, image_size=8), batch_size=2)
     assert dm.num_classes is None and dm.class_names is None
     batches = list(dm.test_dataloader())
     assert [b["index"].tolist() for b in batches] == [[0, 1], [2]]  # index 3 (x.png) dropped
-    assert dm.indices == [0, 1, 2, 3]
+    assert dm.indices == [0, 1, 2]  # x.png is not selected: every stage sees readable images only
+
+
+def unreadable_folder(root: Path) -> Path:
+    """0 text named .png, 1 ok, 2 truncated JPEG (PIL opens its header; decoding fails), 3 ok, 4 ok."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    (root / "0_text.png").write_text("not an image")
+    for name in ("1_ok.png", "3_ok.png", "4_ok.png"):
+        _save(root / name, rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    _save(root / "2_truncated.jpg", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    whole = (root / "2_truncated.jpg").read_bytes()
+    (root / "2_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def test_datamodule_selects_readable_images_once_and_names_the_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unreadable files (a text file named .png, a truncated JPEG, first or in the middle) are found when the
+    images are selected: each is named once in a warning with the count, `limit` counts readable images, and
+    no later stage (setup checks, loading) meets them."""
+    dataset = ImageFolderDataset(unreadable_folder(tmp_path / "images"), image_size=8)
+    with caplog.at_level(logging.WARNING):
+        dm = AttributionDataModule(dataset, batch_size=2, limit=2)
+        assert dm.indices == [1, 3]  # the first two readable images
+        assert dm.dataset[0] is None and dm.dataset[2] is None  # read again: no second warning
+        assert [b["index"].tolist() for b in dm.test_dataloader()] == [[1, 3]]
+    for name in ("0_text.png", "2_truncated.jpg"):
+        assert sum(name in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 2, name
+    summary = [r.getMessage() for r in caplog.records if "unreadable image(s)" in r.getMessage()]
+    assert len(summary) == 1 and "2 unreadable image(s)" in summary[0]
+    assert "collate_skip_none" not in caplog.text  # nothing left for the loader to drop
+    everything = AttributionDataModule(dataset, batch_size=8)
+    assert everything.indices == [1, 3, 4]
+    assert [AttributionDataModule(dataset, shard=k, num_shards=2).indices for k in range(2)] == [[1, 4], [3]]
 
 
 def test_datamodule_fashiongrid_metadata(mini_root: Path) -> None:

@@ -78,6 +78,8 @@ def test_range_maps_equal_caap_range_by_range(model, options) -> None:
 
 def test_calibration_indices_are_the_last_images() -> None:
     assert calibration_indices(10, 3) == [7, 8, 9]
+    # the last readable ones: an unreadable file is never a calibration image (it shrank the calibration set)
+    assert calibration_indices(10, 3, readable=lambda i: i not in (8, 6)) == [5, 7, 9]
     for bad in (0, 10):
         with pytest.raises(ValueError, match=r"layers\.calibration_images"):
             calibration_indices(10, bad)
@@ -214,3 +216,37 @@ def test_screen_top_k_scores_only_the_best_screened_ranges_exactly(compose_cfg) 
     cfg.layers.screen_top_k = 0
     with pytest.raises(ValueError, match=r"layers\.screen_top_k=0"):
         select_layer_range(cfg, method, model, dataset, calib, progress=False)
+
+
+class AutocastRecorder(AttributionMetric):
+    """A `select_by` metric for tests: records the autocast dtype (None: off) it is updated under."""
+
+    seen: ClassVar[set[torch.dtype | None]] = set()
+    higher_is_better = False
+
+    def score(self, batch: AttributionBatch, model: torch.nn.Module | None) -> Tensor:
+        on = torch.is_autocast_enabled("cpu")
+        AutocastRecorder.seen.add(torch.get_autocast_dtype("cpu") if on else None)
+        return batch.maps.flatten(1).std(1)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("32-true", None), ("bf16-mixed", torch.bfloat16)])
+def test_layers_auto_calibrates_in_the_trainer_precision(compose_cfg, precision, dtype) -> None:
+    """The calibration runs outside Lightning: it maps and scores in the autocast of `trainer.precision`, as
+    the run's test loop then does."""
+    from hydra.utils import instantiate
+
+    from caap.layer_selection import select_layer_range
+
+    cfg = compose_cfg(
+        *(o for o in AUTO if not o.lstrip("+").startswith("layers.select_by")),
+        "layers.select_by._target_=test_layer_selection.AutocastRecorder",
+        "~layers.select_by.score",
+        "trainer.accelerator=cpu",
+        f"trainer.precision={precision}",
+    )
+    model = instantiate(cfg.model)
+    dataset = instantiate(cfg.data.dataset, image_size=28)
+    AutocastRecorder.seen.clear()
+    select_layer_range(cfg, instantiate(cfg.method), model, dataset, [0, 1], progress=False)
+    assert AutocastRecorder.seen == {dtype}

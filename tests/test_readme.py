@@ -139,3 +139,29 @@ def test_every_report_option_is_documented(capsys) -> None:
     assert {"--no-wandb", "--out", "--rank-by"} <= options
     missing = sorted(o for o in options if f"`{o}" not in README)
     assert not missing, f"python -m caap.report options not in the README: {missing}"
+
+
+def method_options_with_a_choice() -> set[str]:
+    """Top-level keys of conf/method/*.yaml whose comment (continuation comment lines included) lists choices
+    separated by ` | `."""
+    options: set[str] = set()
+    for path in sorted((CONF_DIR / "method").glob("*.yaml")):
+        key, comment = None, ""
+        for line in [*path.read_text().splitlines(), ""]:
+            continued = re.match(r"\s+#(.*)", line)
+            if key is not None and continued:
+                comment += continued.group(1)
+                continue
+            if key is not None and " | " in comment:
+                options.add(key)
+            started = re.match(r"([a-z_]+):[^#]*#(.*)", line)
+            key, comment = (started.group(1), started.group(2)) if started else (None, "")
+    return options
+
+
+def test_every_method_option_with_a_choice_is_documented() -> None:
+    options = method_options_with_a_choice()
+    assert {"masked_value", "distance", "head_fusion", "libragrad"} <= options  # the parser sees them
+    docs = README + "".join(p.read_text() for p in sorted((REPO_ROOT / "docs").glob("*.md")))
+    missing = sorted(key for key in options if f"`method.{key}" not in docs)
+    assert not missing, f"conf/method options with a choice that README.md / docs/ never name: {missing}"

@@ -240,6 +240,18 @@ def test_voc_palette_pngs_in_both_label_spaces(tmp_path) -> None:
         VOCSegmentation(tmp_path / "nothing", image_size=24)
 
 
+def test_unreadable_voc_image_is_left_out_once(tmp_path, caplog) -> None:
+    from caap.data import AttributionDataModule
+
+    root = _voc_fixture(tmp_path)
+    (root / "JPEGImages" / "2007_000033.jpg").write_bytes(b"truncated")
+    dm = AttributionDataModule(VOCSegmentation(tmp_path, image_size=24, num_classes=1000))
+    assert dm.indices == [1] and dm.dataset[0] is None
+    named = [r for r in caplog.records if "2007_000033.jpg" in r.getMessage()]
+    assert len(named) == 2  # the sample's warning, then the datamodule's count
+    assert "left out 1 unreadable image(s)" in caplog.text
+
+
 def test_image_folder_applies_the_model_crop_pct(tmp_path) -> None:
     from timm.data import create_transform
 

@@ -64,6 +64,13 @@ def test_evaluate_synthetic_writes_the_output_contract(compose_cfg) -> None:
     assert written["metrics"] == results
     # written once, with the run's timing and W&B facts, and the finished mark
     assert written["finished"] is True and written["seconds"] > 0 and written["images_per_second"] > 0
+    # the test loop's own rate: every evaluated image (not map), within the run's time
+    loop = written["loop"]
+    assert loop["images"] == written["num_images"] < written["num_maps"]
+    assert (
+        0 < loop["seconds"] < written["seconds"] and loop["images_per_second"] > written["images_per_second"]
+    )
+    assert loop["after_first_batch_images_per_second"] > 0
     assert written["wandb_mode"] == "offline" and Path(written["wandb_dir"]).parent == out / "wandb"
     data = SyntheticGrid(size=64, image_size=56, grid=2, num_classes=10, seed=0)
     expected_keys = {(i, int(c)) for i in range(6) for c in data[i]["target"].nonzero().flatten()}
@@ -189,13 +196,24 @@ def test_missing_fashion_mnist_names_the_package(compose_cfg, tmp_path) -> None:
         evaluate(cfg)
 
 
-def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -> None:
+def folder_with_unreadable_files(tmp_path: Path) -> Path:
+    """a_broken.png (text), b_ok0.png, c_truncated.jpg (decoding fails after the header), d_ok1.png, e_ok2.png."""
     folder = tmp_path / "images"
     folder.mkdir()
-    for i in range(3):
-        Image.fromarray((torch.rand(60, 60, 3) * 255).byte().numpy()).save(folder / f"ok{i}.png")
-    (folder / "broken.png").write_bytes(b"not an image")
-    cfg = compose_cfg(
+    for name in ("b_ok0.png", "d_ok1.png", "e_ok2.png"):
+        Image.fromarray((torch.rand(60, 60, 3) * 255).byte().numpy()).save(folder / name)
+    (folder / "a_broken.png").write_bytes(b"not an image")
+    Image.fromarray((torch.rand(60, 60, 3) * 255).byte().numpy()).save(folder / "c_truncated.jpg")
+    whole = (folder / "c_truncated.jpg").read_bytes()
+    (folder / "c_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -> None:
+    """An unreadable first file and a truncated one in the middle are skipped and named; num_images counts the
+    images scored (it counted the files), and data.limit counts readable images."""
+    folder = folder_with_unreadable_files(tmp_path)
+    args = [
         "data=image_folder",
         f"data.root={folder}",
         "data.batch_size=2",
@@ -204,11 +222,46 @@ def test_unreadable_image_is_skipped_and_logged(compose_cfg, tmp_path, caplog) -
         "logger=csv",
         "model.pretrained=false",
         "method=random",
-    )
+    ]
+    cfg = compose_cfg(*args)
     results = evaluate(cfg)
     assert {"mif", "lif", "srg", "mif_aopc", "pixel_deletion", "pixel_insertion"} <= set(results)
-    assert json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["num_maps"] == 3
-    assert "broken.png" in caplog.text
+    written = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    assert written["num_maps"] == 3 and written["num_images"] == 3
+    assert "a_broken.png" in caplog.text and "c_truncated.jpg" in caplog.text
+    assert "2 unreadable image(s)" in caplog.text
+    limited = compose_cfg(*args, "data.limit=2", f"output_dir={tmp_path / 'limited'}")
+    evaluate(limited)
+    written = json.loads((tmp_path / "limited" / "metrics.json").read_text())
+    assert written["num_maps"] == 2 and written["num_images"] == 2
+    assert sorted(i for i, _ in load_maps(tmp_path / "limited" / "maps")) == [1, 3]
+
+
+def test_folder_of_unreadable_files_fails_at_setup(compose_cfg, tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_text("not an image")
+    cfg = compose_cfg(
+        "data=image_folder", f"data.root={folder}", "target=pred", "metric=faithfulness", "logger=csv"
+    )
+    with pytest.raises(ValueError, match=r"no image to evaluate.*none of the dataset's 2 samples"):
+        evaluate(cfg)  # it ran 0 images and reported NaN metrics
+
+
+def test_unreadable_first_image_does_not_skip_the_masks_check(compose_cfg, tmp_path) -> None:
+    """The masks check reads the first selected image: an unreadable first file made it pass silently, and the
+    default metrics failed after the first batch in a long Lightning traceback."""
+    cfg = compose_cfg(
+        "data=image_folder",
+        f"data.root={folder_with_unreadable_files(tmp_path)}",
+        "target=pred",
+        "logger=csv",
+        "model.pretrained=false",
+    )
+    with pytest.raises(ValueError, match=r"need ground-truth masks.*use metric=faithfulness"):
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "maps").exists()
 
 
 def test_masks_metric_on_unlabelled_folder_fails_before_running(compose_cfg, tmp_path) -> None:

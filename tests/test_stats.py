@@ -102,6 +102,10 @@ def test_a_shifted_run_is_significantly_better_in_the_metrics_direction() -> Non
     finite = np.isfinite(values)
     assert result.difference == pytest.approx(np.mean(better[finite] - values[finite]))
     assert result.low > 0 and result.p_value < 1e-6 and result.images == len(np.unique(clusters[finite]))
+    # the signed-rank test counts each image once: it runs on the per-image mean differences
+    per_image = [np.mean((better - values)[finite & (clusters == i)]) for i in np.unique(clusters[finite])]
+    assert result.p_value == pytest.approx(wilcoxon_p(np.array(per_image)), rel=1e-12)
+    assert result.p_value != pytest.approx(wilcoxon_p((better - values)[finite]), rel=1e-3)
     assert verdict(result, result.p_value, higher_is_better=True) == "better"
     assert verdict(result, result.p_value, higher_is_better=False) == "worse"  # e.g. deletion: lower wins
     assert verdict(result, 0.2, higher_is_better=True) == "tied"  # not significant after correction

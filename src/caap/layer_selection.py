@@ -3,15 +3,16 @@
 CAAP (Izadi et al., arXiv 2603.13652) leaves the layer range to the user; `layers=auto` scores every range the
 method offers (`AttributionMethod.layer_ranges`) on a calibration split with a chosen metric (`layers.select_by`,
 any `AttributionMetric` config; its `higher_is_better` says which way is better) and keeps the best. The
-calibration images are the last `layers.calibration_images` images of the dataset; they are removed from the
-evaluated images, so calibration and evaluation never share an image. The maps of every range come from the
-method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`). With
+calibration images are the last `layers.calibration_images` readable images of the dataset; they are removed
+from the evaluated images, so calibration and evaluation never share an image. The maps of every range come from
+the method's `range_maps` (CAAP shares the work that ranges share, see `caap.methods.patching`). With
 `layers.screen_top_k = k`, every range is first scored on the method's cheap estimated maps
 (`estimated_range_maps`: CAAP's gradient estimate) and only the k best are scored on exact maps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -75,20 +76,47 @@ class LayerSelection:
         return record
 
 
-def calibration_indices(dataset_size: int, num_images: int) -> list[int]:
-    """The calibration images: the last `num_images` indices of the dataset."""
+def calibration_indices(
+    dataset_size: int, num_images: int, readable: Callable[[int], bool] | None = None
+) -> list[int]:
+    """The calibration images: the last `num_images` indices of the dataset (of those `readable` accepts, asked
+    from the end; every index when None), in increasing order."""
     if not 0 < num_images < dataset_size:
         raise ValueError(
             f"layers.calibration_images={num_images} must be between 1 and the dataset size minus one "
             f"({dataset_size - 1}), so that images are left to evaluate on"
         )
-    return list(range(dataset_size - num_images, dataset_size))
+    if readable is None:
+        return list(range(dataset_size - num_images, dataset_size))
+    chosen: list[int] = []
+    for index in reversed(range(dataset_size)):
+        if len(chosen) == num_images:
+            break
+        if readable(index):
+            chosen.append(index)
+    return chosen[::-1]
 
 
 def _device(cfg: DictConfig) -> torch.device:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     use_cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     return torch.device("cuda" if use_cuda else "cpu")
+
+
+#: Lightning's mixed-precision settings and the autocast dtype each runs the test loop in.
+_AUTOCAST = {
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
+}
+
+
+def trainer_autocast(cfg: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast the Trainer of `cfg` computes the maps in (`trainer.precision`), so that the calibration
+    scores the ranges in the precision the run then maps in; a no-op for 32-true."""
+    dtype = _AUTOCAST.get(str(cfg.trainer.get("precision", "32-true")))
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def choose_layer_range(
@@ -115,7 +143,8 @@ def choose_layer_range(
     if selection is not None:
         calib = selection.calibration_indices
     else:
-        calib = calibration_indices(len(datamodule.dataset), int(auto.calibration_images))  # type: ignore[arg-type]
+        size = len(datamodule.dataset)  # type: ignore[arg-type]
+        calib = calibration_indices(size, int(auto.calibration_images), datamodule.readable)
     datamodule.exclude(calib)
     if not datamodule.indices:
         raise ValueError(
@@ -157,12 +186,13 @@ def _score_ranges(
     for batch in loader:
         if batch is None:
             continue
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         rows, classes = select_targets(batch, cfg.target, model)
-        for r, maps in maps_of(model, batch["image"][rows], classes, ranges):
-            with torch.no_grad():
-                metrics[r].update(AttributionBatch.from_data(batch, rows, classes, maps), model)
-            bar.advance(task)
+        with trainer_autocast(cfg, device):  # the run's precision (this loop is outside Lightning's)
+            for r, maps in maps_of(model, batch["image"][rows], classes, ranges):
+                with torch.no_grad():
+                    metrics[r].update(AttributionBatch.from_data(batch, rows, classes, maps), model)
+                bar.advance(task)
     return {r: float(metrics[r].compute()) for r in ranges}
 
 
@@ -194,6 +224,7 @@ def select_layer_range(
         batch_size=int(auto.get("batch_size") or cfg.data.batch_size),
         collate_fn=collate_skip_none,
         num_workers=int(cfg.data.num_workers),
+        pin_memory=device.type == "cuda",  # with the non_blocking copies of `_score_ranges`
     )
     screened: dict[tuple[int, int], float] = {}
     exact_ranges = list(ranges)

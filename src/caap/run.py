@@ -78,6 +78,17 @@ def check_target(target: str, datamodule: AttributionDataModule, data_name: str)
         )
 
 
+def check_images(datamodule: AttributionDataModule) -> None:
+    """Refuse a run with no image to evaluate (every selected file unreadable, or an empty shard): it would
+    end with NaN metrics."""
+    if not datamodule.indices:
+        size = len(datamodule.dataset)  # type: ignore[arg-type]
+        raise ValueError(
+            f"no image to evaluate: {datamodule!r} selects none of the dataset's {size} samples (unreadable files, "
+            f"if any, are named above)"
+        )
+
+
 def build_metrics(
     cfg: DictConfig, datamodule: AttributionDataModule, model: ViTClassifier
 ) -> dict[str, AttributionMetric]:
@@ -241,6 +252,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
     datamodule = build_datamodule(cfg, model)
     check_target(cfg.target, datamodule, cfg.data.name)
+    check_images(datamodule)  # selects the readable images: no later stage meets an unreadable one
     method.prepare(datamodule.dataset)  # e.g. CAAP's dataset-mean neutral context
     selection = choose_layer_range(cfg, method, model, datamodule, resuming)
     record = cfg if selection is None else selection.applied_to(cfg)  # the config that ran

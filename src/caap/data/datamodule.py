@@ -15,16 +15,31 @@ from caap.data.sampler import ContiguousDistributedSampler, world
 log = logging.getLogger(__name__)
 
 
-def select_indices(n: int, limit: int | None = None, shard: int = 0, num_shards: int = 1) -> list[int]:
-    """Dataset indices a run evaluates: the first `limit` of range(n), then every `num_shards`-th from `shard`."""
+def select_indices(
+    n: int,
+    limit: int | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    readable: Callable[[int], bool] | None = None,
+) -> list[int]:
+    """Dataset indices a run evaluates: the first `limit` of range(n) that `readable` accepts (every index when
+    None; asked in order, only until `limit` are found), then every `num_shards`-th from `shard`."""
     if num_shards < 1:
         raise ValueError(f"data.num_shards must be >= 1; got {num_shards}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"data.shard must lie in [0, data.num_shards={num_shards}); got data.shard={shard}")
     if limit is not None and limit < 1:
         raise ValueError(f"data.limit must be a positive number of samples or null; got {limit}")
-    first = n if limit is None else min(limit, n)
-    return list(range(first))[shard::num_shards]
+    if readable is None:
+        chosen = list(range(n if limit is None else min(limit, n)))
+    else:
+        chosen = []
+        for index in range(n):
+            if limit is not None and len(chosen) == limit:
+                break
+            if readable(index):
+                chosen.append(index)
+    return chosen[shard::num_shards]
 
 
 class AttributionDataModule(L.LightningDataModule):
@@ -37,7 +52,8 @@ class AttributionDataModule(L.LightningDataModule):
       num_workers: DataLoader worker processes.
       limit: evaluate only the first `limit` samples (None: all).
       shard, num_shards: of those, take indices[shard::num_shards] (to split one evaluation over several jobs).
-      pin_memory: pin host memory (default: when CUDA is available).
+      pin_memory: pin host memory, so that Lightning's `non_blocking` copies to the GPU overlap the step (default:
+        when the attached Trainer runs on CUDA; without a Trainer, when CUDA is available).
 
     Batches are `collate_skip_none` batches (`{image [B, 3, H, W], target [B, C], index [B], ...}`), or None when
     every sample of a batch was unreadable; steps must skip a None batch.
@@ -73,7 +89,7 @@ class AttributionDataModule(L.LightningDataModule):
         self._indices: list[int] | None = None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.limit, self.shard, self.num_shards = limit, shard, num_shards
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = pin_memory
 
     @property
     def dataset(self) -> Dataset:
@@ -99,11 +115,39 @@ class AttributionDataModule(L.LightningDataModule):
         self._dataset = dataset
         return dataset
 
+    def readable(self, index: int) -> bool:
+        """Whether sample `index` can be read (the dataset's `readable`, e.g. PIL decodes the file; True when the
+        dataset has none: generated data)."""
+        check = getattr(self.dataset, "readable", None)
+        return True if check is None else bool(check(index))
+
     @property
     def indices(self) -> list[int]:
-        """The selected dataset indices: the first `limit`, then shard `shard` of `num_shards`."""
+        """The selected dataset indices: the first `limit` readable samples, then shard `shard` of `num_shards`.
+
+        Unreadable samples are found here, once (the dataset names each in a warning; one more warning gives
+        the count), so that every later stage (setup checks, calibration, loading) sees readable images only.
+        """
         if self._indices is None:
-            self._indices = select_indices(len(self.dataset), self.limit, self.shard, self.num_shards)  # type: ignore[arg-type]
+            skipped: list[int] = []
+
+            def readable(index: int) -> bool:
+                ok = self.readable(index)
+                if not ok:
+                    skipped.append(index)
+                return ok
+
+            self._indices = select_indices(
+                len(self.dataset),  # type: ignore[arg-type]
+                self.limit,
+                self.shard,
+                self.num_shards,
+                readable if hasattr(self.dataset, "readable") else None,
+            )
+            if skipped:
+                describe = getattr(self.dataset, "describe", str)
+                named = ", ".join(describe(i) for i in skipped[:20]) + (", ..." if len(skipped) > 20 else "")
+                log.warning("AttributionDataModule: left out %d unreadable image(s): %s", len(skipped), named)
             if not self._indices:
                 log.warning(
                     "AttributionDataModule: no samples selected (dataset of %d, limit=%s, shard %d of %d)",
@@ -146,6 +190,15 @@ class AttributionDataModule(L.LightningDataModule):
         """This rank's share of `indices` (all of them without DDP); rank / world size default to torch.distributed."""
         return ContiguousDistributedSampler(self.indices, num_replicas=num_replicas, rank=rank)
 
+    def pins_memory(self) -> bool:
+        """Whether the loaders pin host memory: `pin_memory`, else whether the Trainer's device is CUDA."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        if strategy is not None:
+            return strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self) -> DataLoader:
         _, world_size = world()
         if world_size > 1:
@@ -161,7 +214,7 @@ class AttributionDataModule(L.LightningDataModule):
             sampler=self.sampler(),
             num_workers=self.num_workers,
             collate_fn=collate_skip_none,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory(),
             drop_last=False,
         )
 

@@ -3,8 +3,10 @@
 Covers ImageNet val laid out flat with a labels file (`ILSVRC2012_val_00000001.JPEG 65`), class-per-folder
 layouts (`root/<class_name>/*.jpg`, `labels_file="folders"`) and unlabelled folders. Images are read with PIL,
 converted to RGB, resized (shorter side) and center-cropped to a square, and returned in pixel space [0, 1];
-models normalise inside. An unreadable file does not stop a run: its sample is None (with a warning naming the
-file), and `collate_skip_none` drops it from the batch.
+models normalise inside. An unreadable file (not an image, truncated, ...) does not stop a run: `readable`
+decodes an image once and remembers the answer, logging a warning that names each file that fails, so that
+`AttributionDataModule` selects readable images only; its sample is None (no second warning), and
+`collate_skip_none` would drop it from a batch.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class ImageFolderDataset(Dataset):
       target `[C]` float multi-hot when labels are known, all zeros when only `num_classes` is, else `[0]`,
       index  int (dataset index),
       path   str (the image file).
-    A file PIL cannot read gives None instead of a dict, with a warning naming it.
+    A file PIL cannot decode gives None instead of a dict, with a warning naming it (once per file); `readable`
+    tells so without building the sample.
 
     Attributes: `paths` (relative paths, dataset order), `classes` (tuple of names or None), `num_classes`
     (int or None), `targets` (`[N, C]` float).
@@ -182,6 +185,7 @@ class ImageFolderDataset(Dataset):
         self.transform = EvalTransform(
             image_size, crop_pct, interpolation.lower() if interpolation else None, resize=resize_size
         )
+        self._readable: dict[int, bool] = {}  # index -> decoded; each unreadable file is logged once
 
     # labels -------------------------------------------------------------------------------------------------
 
@@ -280,8 +284,15 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Tensor | None:
-        """The transformed image `[3, S, S]` float in [0, 1], or None (with a warning) when it cannot be read."""
+    def describe(self, index: int) -> str:
+        """The image file of sample `index`."""
+        return str(self.root / self.paths[index])
+
+    def decode(self, index: int) -> Image.Image | None:
+        """The RGB image of sample `index`, or None when PIL cannot decode it (a warning names the file the first
+        time; the answer is remembered)."""
+        if self._readable.get(index) is False:
+            return None
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as img:
@@ -290,8 +301,21 @@ class ImageFolderDataset(Dataset):
             Exception
         ) as err:  # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBomb...)
             log.warning("Skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
+            self._readable[index] = False
             return None
-        return self.transform(rgb)[0]
+        self._readable[index] = True
+        return rgb
+
+    def readable(self, index: int) -> bool:
+        """Whether sample `index` decodes (decoded at the first ask, then remembered)."""
+        if index not in self._readable:
+            self.decode(index)
+        return self._readable[index]
+
+    def load(self, index: int) -> Tensor | None:
+        """The transformed image `[3, S, S]` float in [0, 1], or None when it cannot be read (see `decode`)."""
+        rgb = self.decode(index)
+        return None if rgb is None else self.transform(rgb)[0]
 
     def __getitem__(self, index: int) -> dict | None:
         if not -len(self) <= index < len(self):
@@ -304,7 +328,7 @@ class ImageFolderDataset(Dataset):
             "image": image,
             "target": self.targets[index].clone(),
             "index": index,
-            "path": str(self.root / self.paths[index]),
+            "path": self.describe(index),
         }
 
     def __repr__(self) -> str:

@@ -48,8 +48,8 @@ class SegmentationDataset(Dataset):
     """Base: images with class-id segmentation maps, resized and cropped together.
 
     Subclasses fill `self.items` (one entry per sample) and implement `read(index) -> (PIL image, [H, W] long
-    class-id map, [C] float image labels)`. An unreadable sample gives None (with a warning), as in
-    `ImageFolderDataset`.
+    class-id map, [C] float image labels)`. An unreadable sample gives None (with a warning, once), and
+    `readable` tells so, as in `ImageFolderDataset`.
     """
 
     items: list
@@ -62,6 +62,7 @@ class SegmentationDataset(Dataset):
     ) -> None:
         self.image_size = image_size
         self.transform = EvalTransform(image_size, crop_pct, interpolation)
+        self._readable: dict[int, bool] = {}  # index -> read; each unreadable sample is logged once
 
     def __len__(self) -> int:
         return len(self.items)
@@ -72,17 +73,36 @@ class SegmentationDataset(Dataset):
     def describe(self, index: int) -> str:
         return str(self.items[index])
 
-    def __getitem__(self, index: int) -> dict | None:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"{type(self).__name__} index {index} out of range [0, {len(self)})")
-        index = index % len(self)
+    def read_or_none(self, index: int) -> tuple[Image.Image, Tensor, Tensor] | None:
+        """`read(index)`, or None when a file of the sample cannot be read (a warning the first time; the answer
+        is remembered)."""
+        if self._readable.get(index) is False:
+            return None
         try:
-            image, seg, target = self.read(index)
+            sample = self.read(index)
         except (OSError, KeyError) as err:
             log.warning(
                 "Skipping unreadable sample %s: %s: %s", self.describe(index), type(err).__name__, err
             )
+            self._readable[index] = False
             return None
+        self._readable[index] = True
+        return sample
+
+    def readable(self, index: int) -> bool:
+        """Whether sample `index` reads (read at the first ask, then remembered)."""
+        if index not in self._readable:
+            self.read_or_none(index)
+        return self._readable[index]
+
+    def __getitem__(self, index: int) -> dict | None:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{type(self).__name__} index {index} out of range [0, {len(self)})")
+        index = index % len(self)
+        sample = self.read_or_none(index)
+        if sample is None:
+            return None
+        image, seg, target = sample
         pixels, resized = self.transform(image, seg)
         return {
             "image": pixels,

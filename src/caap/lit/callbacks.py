@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,10 @@ class RunOutputs(L.Callback):
     `metrics.json` holds the final values, each result's `higher_is_better`, each result's bootstrap CI
     (`ci`: `{result: [low, high]}`, results without per-pair values absent) and how it was drawn
     (`bootstrap`: resamples, seed, level, interval kind, resampled unit; see `caap.stats`), the run facts
-    (`AttributionModule.run.facts`), `seconds` since the run started, `images_per_second`, the W&B run's folder
-    and mode when W&B logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
+    (`AttributionModule.run.facts`), `seconds` since the run started, `images_per_second`, the test loop's own
+    rate (`loop`: its seconds and images/s from the first batch to the metrics' compute, and images/s after the
+    first batch, which pays for worker start-up and kernel selection), the W&B run's folder and mode when W&B
+    logs, and `"finished": true`. It is written once, in `teardown`, after every callback's
     `on_test_end` (so after the other outputs, whatever the callbacks' order): a resumed run skips only runs
     that got here (`caap.resume`). A test that raised never reaches `teardown`.
     """
@@ -108,8 +111,24 @@ class RunOutputs(L.Callback):
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.num_maps: int | None = None  # set when the test ended
+        self.loop = LoopClock()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loop.start()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.loop.batch_done(0 if batch is None else len(batch["index"]))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.loop.stop()  # after the metrics' compute (the module's on_test_epoch_end)
         if trainer.global_rank != 0:
             return
         assert isinstance(pl_module, AttributionModule)
@@ -140,6 +159,7 @@ class RunOutputs(L.Callback):
             "bootstrap": pl_module.run.bootstrap.record(),
             "seconds": seconds,
             "images_per_second": facts.get("num_images", 0) / seconds,
+            "loop": self.loop.record(),
         }
         logger = wandb_logger(trainer)
         if logger is not None:
@@ -149,6 +169,48 @@ class RunOutputs(L.Callback):
         payload[FINISHED_KEY] = True  # written last: see caap.resume
         (self.folder / "metrics.json").write_text(json.dumps(payload, indent=2))
         self.num_maps = None
+
+
+class LoopClock:
+    """Wall time of the test loop on this rank: from its start, after its first batch, to its end (after the
+    metrics' compute), and the images it saw (the rank's own; the metrics of `RunOutputs` come from rank 0)."""
+
+    def __init__(self) -> None:
+        self.start(math.nan)
+
+    def start(self, now: float | None = None) -> None:
+        self.started = time.perf_counter() if now is None else now
+        self.first = self.ended = math.nan
+        self.images = self.first_images = 0
+
+    def batch_done(self, images: int) -> None:
+        if self.images == 0 and images:
+            _synchronize()
+            self.first, self.first_images = time.perf_counter(), images
+        self.images += images
+
+    def stop(self) -> None:
+        _synchronize()
+        self.ended = time.perf_counter()
+
+    def record(self) -> dict[str, float]:
+        """`{seconds, images, images_per_second, after_first_batch_images_per_second}` (NaN when unknown)."""
+        seconds = self.ended - self.started
+        rest = self.ended - self.first
+        return {
+            "seconds": seconds,
+            "images": self.images,
+            "images_per_second": self.images / seconds if seconds > 0 else math.nan,
+            "after_first_batch_images_per_second": (self.images - self.first_images) / rest
+            if rest > 0
+            else math.nan,
+        }
+
+
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time covers it (twice per run: no cost)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 class SampleImages(L.Callback):

@@ -33,6 +33,7 @@ from caap.methods.caap_estimators import (
 from caap.methods.option_checks import check_choice, check_fraction, check_positive_int
 from caap.methods.patching import (
     MODES,
+    ChunkSize,
     compute_dtype,
     group_rows_by_image,
     neutral_states,
@@ -79,8 +80,12 @@ class CAAP(AttributionMethod):
         adaptive_window: `adaptive`'s window size k (needs `window=1`).
         adaptive_refine: `adaptive`'s share of windows rerun patch by patch, in [0, 1].
         screen_fraction: `screened`'s share of patch sets run exactly, in [0, 1].
+        compile: run the blocks of the patched runs under `torch.compile` (`dynamic=False`, chunks of one
+            size, the last padded); equal to the eager maps up to float rounding; each new chunk shape
+            compiles once.
 
     `cost` (an `EstimatorCost`) cumulates the work of every call in forward-pass equivalents (`reset_cost`).
+    A chunk that runs out of CUDA memory is halved and retried; the halved size is kept for later batches.
     """
 
     requires_grad = False
@@ -101,6 +106,7 @@ class CAAP(AttributionMethod):
         adaptive_window: int = 2,
         adaptive_refine: float = 0.25,
         screen_fraction: float = 0.1,
+        compile: bool = False,
     ) -> None:
         self.start = start
         self.stop = stop
@@ -132,6 +138,11 @@ class CAAP(AttributionMethod):
                 f"got window={window!r}; the window size of adaptive is method.adaptive_window"
             )
         self.cost = EstimatorCost()
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} must be true or false")
+        self.compile = compile
+        # the largest chunk that fitted after a CUDA out-of-memory error (None: no error yet)
+        self._chunk_cap: int | None = None
         self.neutral = build_reference(neutral)
         # (weak reference to the model, key, per neutral sample {start: r_start [1, T, D]}, logits [S, 1, C])
         self._cache: tuple[weakref.ref, Hashable, list[dict[int, Tensor]], Tensor] | None = None
@@ -146,7 +157,7 @@ class CAAP(AttributionMethod):
         return (
             f"CAAP(start={self.start}, stop={self.stop}, mode={self.mode!r}, score={self.score!r}, "
             f"window={self.window}, neutral={self.neutral!r}, chunk_size={self.chunk_size}, "
-            f"memory_budget_mb={self.memory_budget_mb}, estimator={self.estimator!r})"
+            f"memory_budget_mb={self.memory_budget_mb}, estimator={self.estimator!r}, compile={self.compile})"
         )
 
     def reset_cost(self) -> None:
@@ -175,9 +186,10 @@ class CAAP(AttributionMethod):
         self.start, self.stop = start, stop
 
     def chunk_for(self, model: ViTClassifier, images: Tensor) -> int:
-        """The chunk size (patched sequences per pass) used for these images."""
+        """The chunk size (patched sequences per pass) used for these images: from `chunk_size` or the memory
+        budget, at most the size that fitted after an out-of-memory error."""
         gh, gw = model.grid_size(images)
-        return resolve_chunk_size(
+        chunk = resolve_chunk_size(
             model,
             gh * gw + model.num_prefix_tokens,
             self.chunk_size,
@@ -185,6 +197,7 @@ class CAAP(AttributionMethod):
             images.device,
             compute_dtype(model, images.device),
         )
+        return chunk if self._chunk_cap is None else min(chunk, self._chunk_cap)
 
     def _neutral(
         self, model: ViTClassifier, images: Tensor, starts: Sequence[int]
@@ -253,46 +266,51 @@ class CAAP(AttributionMethod):
         estimator: str,
     ) -> Iterator[tuple[tuple[int, int], Tensor]]:
         gh, gw = model.grid_size(images)
-        masks, index = window_masks(gh, gw, self.window, images.device)
+        masks, index = window_masks(gh, gw, self.window)  # on the CPU: the engine reads them without a sync
+        index = index.to(images.device, non_blocking=True)
         starts = sorted({s for s, _ in ranges})
         with torch.no_grad():
             unique, targets, inverse, slot = group_rows_by_image(images, target)
             positions = {j for s, e in ranges for j in patch_positions(s, e, self.mode)}
             states = source_states(model, unique, positions)
             prefixes, logits = self._neutral(model, unique, starts)
-            chunk = self.chunk_for(model, unique)
+            chunk = ChunkSize(self.chunk_for(model, unique))  # halved on CUDA out-of-memory errors
         self.cost.add_blocks(unique.shape[0], max(positions), model.depth)
         ctx = PatchingContext(
             model=model, states=states, prefixes=prefixes, neutral_logits=logits, targets=targets,
             mode=self.mode, score=self.score, chunk_size=chunk, head_tokens_only=self.head_tokens_only,
-            cost=self.cost,
+            cost=self.cost, compile=self.compile,
         )  # fmt: skip
 
         def to_maps(scores: Tensor, spread: Tensor | None = index) -> Tensor:  # [U, K, n or N] -> [B, gh, gw]
             rows = scores[inverse, slot]
             return (rows if spread is None else rows[:, spread]).view(images.shape[0], gh, gw)
 
-        # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
-        by_start = [(s, sorted({e for s2, e in ranges if s2 == s})) for s in starts]
-        if estimator == "gradient":
-            estimates = gradient_scores(ctx, masks, [(s, e) for s, stops in by_start for e in stops])
-            for r, scores in estimates.items():
-                yield r, to_maps(scores)
-            return
-        for start, stops in by_start:
-            if estimator == "exact":
-                total = ctx.exact(masks, start, stops)
-                for e in stops:
-                    yield (start, e), to_maps(total[e])
-            elif estimator == "screened":
-                for e in stops:
-                    yield (start, e), to_maps(screened_scores(ctx, masks, start, e, self.screen_fraction))
-            else:
-                for e in stops:
-                    scores = adaptive_scores(
-                        ctx, (gh, gw), start, e, self.adaptive_window, self.adaptive_refine
-                    )
-                    yield (start, e), to_maps(scores, None)
+        try:
+            # yield as each start is done (progress bars move), outside no_grad (it must not leak into the consumer)
+            by_start = [(s, sorted({e for s2, e in ranges if s2 == s})) for s in starts]
+            if estimator == "gradient":
+                estimates = gradient_scores(ctx, masks, [(s, e) for s, stops in by_start for e in stops])
+                for r, scores in estimates.items():
+                    yield r, to_maps(scores)
+                return
+            for start, stops in by_start:
+                if estimator == "exact":
+                    total = ctx.exact(masks, start, stops)
+                    for e in stops:
+                        yield (start, e), to_maps(total[e])
+                elif estimator == "screened":
+                    for e in stops:
+                        yield (start, e), to_maps(screened_scores(ctx, masks, start, e, self.screen_fraction))
+                else:
+                    for e in stops:
+                        scores = adaptive_scores(
+                            ctx, (gh, gw), start, e, self.adaptive_window, self.adaptive_refine
+                        )
+                        yield (start, e), to_maps(scores, None)
+        finally:  # later batches start at the size that fitted
+            if chunk.oom_from is not None:
+                self._chunk_cap = chunk.size
 
     def attribute(self, model: ViTClassifier, images: Tensor, target: Tensor) -> Tensor:
         """CAAP maps `[B, gh, gw]` for pixel-space images `[B, 3, H, W]` and target classes `[B]`."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from caap.methods.patching import range_scores, window_masks
+from caap.methods.patching import ChunkSize, range_scores, window_masks
 from caap.models.vit import ViTClassifier
 from caap.scores import Score, target_score
 
@@ -85,7 +85,7 @@ def neutral_gradients(
     first: int,
     positions: Collection[int],
     score: Score,
-    chunk_size: int = 256,
+    chunk_size: int | ChunkSize = 256,
 ) -> NeutralGradients:
     """One forward from the neutral `r_first` `prefix` `[1 or U, T, D]` and one backward of the target score per
     distinct (neutral row, class) of `targets` `[U, K]`: the gradients at every position in `positions`
@@ -175,9 +175,10 @@ class PatchingContext:
     targets: Tensor
     mode: str
     score: Score
-    chunk_size: int
+    chunk_size: int | ChunkSize
     head_tokens_only: bool = True
     cost: EstimatorCost = field(default_factory=EstimatorCost)
+    compile: bool = False  # exact runs' blocks under torch.compile (`caap.methods.patching.patched_runs`)
 
     @property
     def images(self) -> int:
@@ -203,7 +204,7 @@ class PatchingContext:
             for at, nl in zip(self.prefixes, self.neutral_logits, strict=True):
                 scores = range_scores(
                     self.model, self.states, at[start], self.targets, masks, start, stops, self.mode,
-                    self.score, self.chunk_size, nl, self.head_tokens_only, pairs,
+                    self.score, self.chunk_size, nl, self.head_tokens_only, pairs, self.compile,
                 )  # fmt: skip
                 total = scores if not total else {e: total[e] + scores[e] for e in stops}
         runs = self.images * masks.shape[0] if pairs is None else int(pairs.shape[0])

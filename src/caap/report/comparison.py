@@ -159,14 +159,13 @@ def compare_runs(
             continue
         tested = testable_metrics(records, members, names)
         untested.update(n for n in names if n not in tested)
+        pairs = {i: p for i in members if (p := records[i].pairs) is not None}
         for metric in tested:
             order = leader_order(records, members, metric, higher_is_better.get(metric, True))
-            leader = order[0]
-            index = records[leader].pairs.index  # type: ignore[union-attr]
-            a = records[leader].pairs.values[metric]  # type: ignore[union-attr]
+            leader, a = order[0], pairs[order[0]].values[metric]
             for other in order[1:]:
-                b = records[other].pairs.values[metric]  # type: ignore[union-attr]
-                raw.append((metric, g, leader, other, paired_difference(a, b, index, settings)))
+                result = paired_difference(a, pairs[other].values[metric], pairs[leader].index, settings)
+                raw.append((metric, g, leader, other, result))
         ranked = [n for n in tested if "/" not in n]
         if ranked:
             stats.ranks += group_ranks(records, g, members, ranked, higher_is_better, settings)
@@ -208,10 +207,10 @@ def group_ranks(
     settings: BootstrapSettings,
 ) -> list[RankRow]:
     """Mean ranks of the group's runs over `metrics`, images resampled jointly for every run and metric."""
-    pairs = [records[i].pairs for i in members]
-    values = np.stack([np.stack([p.values[m] for m in metrics]) for p in pairs if p is not None])
+    pairs = [p for i in members if (p := records[i].pairs) is not None]
+    values = np.stack([np.stack([p.values[m] for m in metrics]) for p in pairs])  # [K, N, M]
     higher = np.array([higher_is_better.get(m, True) for m in metrics])
-    ranks = mean_ranks(values, pairs[0].index, higher, settings)  # type: ignore[union-attr]
+    ranks = mean_ranks(values, pairs[0].index, higher, settings)
     return [
         RankRow(group, run, float(ranks.mean[k]), float(ranks.low[k]), float(ranks.high[k]), tuple(metrics))
         for k, run in enumerate(members)
