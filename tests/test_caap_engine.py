@@ -129,7 +129,21 @@ def test_chunk_loop_reads_nothing_back_from_the_device(monkeypatch: pytest.Monke
     args = (model, states, prefix, targets, layout, start, stops, "hold", "delta", 5, logits)
     _, _, _, single = engine_inputs(model, x, start, max(stops), window=1)
     pairs = torch.tensor([[0, 5], [1, 63], [0, 0], [1, 5], [1, 17]])  # (image, patch) runs, as the estimators
-    pair_args = (model, states, prefix, targets, single, start, stops, "hold", "delta", 2, logits, True, pairs)
+    pair_args = (
+        model,
+        states,
+        prefix,
+        targets,
+        single,
+        start,
+        stops,
+        "hold",
+        "delta",
+        2,
+        logits,
+        True,
+        pairs,
+    )
     with torch.no_grad():
         want = range_scores(*args)
         want_pairs = range_scores(*pair_args)

@@ -255,6 +255,7 @@ class SampleImages(L.Callback):
         kind = "cell" if attribution.has_masks("cell") else "item"
         truth = attribution.target_masks(kind) if kept and attribution.has_masks(kind) else None
         for p, key in kept if truth is not None else []:
+            assert truth is not None
             mask = truth[p].detach().to(torch.uint8).cpu().contiguous()
             self.masks[f"{key}_{int(attribution.classes[p])}"] = mask
 
@@ -353,7 +354,8 @@ def curve_plots(module: AttributionModule) -> dict[str, Any]:
     for name, curve in curve_payload(module).items():
         columns = [c for c in ("x", "y", "low", "high") if c in curve]
         table = wandb.Table(
-            columns=columns, data=[list(row) for row in zip(*(curve[c] for c in columns), strict=True)]
+            columns=list[str | int](columns),
+            data=[list(row) for row in zip(*(curve[c] for c in columns), strict=True)],
         )
         better = "higher" if higher_is_better(name, module.scored_metrics) else "lower"
         title = f"{name}: mean curve with 95% band (area: {better} is better)"

@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import ScalarFormatter
 
 from caap.report.render import DPI, MIN_FONT_PT, PAGE_WIDTH_PX, report_style
 from caap.report.runs import RunRecord
@@ -152,7 +153,8 @@ def heatmap_panel(
         norm = Normalize(float(finite.min()), float(finite.max()))
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=heatmap_cmap(higher), norm=norm, origin="upper")
         bar = fig.colorbar(image, ax=ax, shrink=0.85, label=metric)
-        bar.formatter.set_useOffset(False)
+        if isinstance(bar.formatter, ScalarFormatter):
+            bar.formatter.set_useOffset(False)
     else:
         ax.imshow(np.zeros_like(grid), cmap="Greys", vmin=0, vmax=1, origin="upper")
     for record in records:

@@ -13,6 +13,7 @@ import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import matplotlib
 
@@ -28,7 +29,7 @@ PAGE_WIDTH_PX = 1100
 MIN_FONT_PT = 10.0
 #: the smallest side of a gallery tile, in pixels of the page
 MIN_TILE_PX = 160
-STYLE = {
+STYLE: dict[str, Any] = {
     "font.size": 10,
     "axes.titlesize": 11,
     "axes.labelsize": 10,
@@ -44,7 +45,7 @@ STYLE = {
 @contextmanager
 def report_style() -> Iterator[None]:
     """matplotlib settings of every report figure (text sizes are fixed when an artist is created)."""
-    with plt.rc_context(STYLE):
+    with plt.rc_context(cast(Any, STYLE)):
         yield
 
 
@@ -74,7 +75,7 @@ def render(fig: Figure, caption: str, tiles: Sequence[Axes] = ()) -> RenderedFig
     """Draw `fig` at `DPI`, measure it and encode it as PNG (then close it); `tiles` are its map tiles."""
     fig.set_dpi(DPI)
     fig.canvas.draw()
-    fonts = [t.get_fontsize() for t in visible_texts(fig)]
+    fonts = [float(t.get_fontsize()) for t in visible_texts(fig)]
     min_font_px = min(fonts, default=MIN_FONT_PT) * DPI / 72
     sides = [min(a.get_window_extent().width, a.get_window_extent().height) for a in tiles]
     buffer = io.BytesIO()
