@@ -183,3 +183,13 @@ def test_gallery_wraps_runs_to_the_page_width(tmp_path: Path) -> None:
     shown = [render(f, "", t) for f, t in pages]
     assert sum(len(t) - 1 for _, t in pages) == len(runs)  # each page: the image, then its runs
     assert all(r.width_px <= PAGE_WIDTH_PX and (r.min_tile_px or 0) >= MIN_TILE_PX for r in shown)
+
+
+def test_run_labels_wrap_between_words() -> None:
+    """Gallery column titles broke inside words ('libragrad_fullgrad_plu' / 's'); they break after '_' and ','."""
+    from caap.report.figures import wrap_label
+
+    assert wrap_label("libragrad_fullgrad_plus", 22) == "libragrad_fullgrad_\nplus"
+    assert wrap_label("layers.start=0,layers.stop=2", 22) == "layers.start=0,\nlayers.stop=2"
+    assert wrap_label("caap", 22) == "caap"
+    assert all(len(line) <= 22 for line in wrap_label("libragrad_input_x_gradient_and_more", 22).splitlines())

@@ -41,8 +41,10 @@ def shorten(text: str, width: int) -> str:
 
 
 def wrap_label(text: str, width: int) -> str:
-    """A run label on lines of about `width` characters, broken after its commas and spaces."""
-    return textwrap.fill(text.replace(",", ", "), width, break_long_words=True).replace(", ", ",")
+    """A run label on lines of about `width` characters, broken after its commas, underscores and spaces
+    (a method name such as `libragrad_input_x_gradient` breaks between its words, not inside one)."""
+    spaced = text.replace(",", ", ").replace("_", "_ ")
+    return textwrap.fill(spaced, width, break_long_words=True).replace(", ", ",").replace("_ ", "_")
 
 
 def value_of(record: RunRecord, metric: str) -> float:
