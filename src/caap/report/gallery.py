@@ -165,6 +165,6 @@ def gallery_page(
             axes[0, 0].set_title("image")
         colours = ScalarMappable(Normalize(-1, 1), plt.get_cmap("bwr"))
         bar = fig.colorbar(colours, ax=axes, shrink=min(1.0, 3.0 / len(keys)), aspect=25)
-        bar.set_label("attribution / max |attribution| of the map")
+        bar.set_label("value / max |value| of the map")  # longer labels overran a bar of two rows
         bar.set_ticks([-1, 0, 1])
     return fig, list(axes.ravel())
