@@ -20,7 +20,8 @@
 # $OUT/gpu_check_logs.tar.gz (each step's log and JSON); OUT defaults to outputs/gpu_check.
 # Env: BUDGET_S, IMAGES (caap_speed, 64), E2E_IMAGES (512), E2E_FAITH_IMAGES (256), QUANTUS_IMAGES (32),
 #      PEAK_TFLOPS (989: H100 SXM dense bf16), WORK (scratch folder, /tmp/gpu_check), DRY_RUN=1 (every step on
-#      the CPU with tiny models: checks the commands, not the speed; step limits x LIMIT_SCALE, default 8 there).
+#      the CPU with tiny models: checks the commands, not the speed; budget and step limits x LIMIT_SCALE, default
+#      8 there).
 # Without a .venv (a bare GPU machine with torch installed) it installs the wheels carried in .whl/
 # (`make gpu-wheels`) into /tmp/site: see scripts/gpu_env.sh.
 set -uo pipefail
@@ -41,6 +42,7 @@ source scripts/gpu_env.sh
 if [ -n "${DRY_RUN:-}" ]; then  # the same commands on the CPU, with tiny models and sizes
   DEVICE=cpu
   LIMIT_SCALE="${LIMIT_SCALE:-8}"
+  BUDGET_S=$((BUDGET_S * LIMIT_SCALE))  # the CPU is slower: the budget scales with the step limits
   SPEED_MODEL=fashiongrid
   SPEED_ARGS=(--images 2 --ref-images 1 --repeats 1 --no-memory --methods engine captum reference)
   E2E_MODEL=(model=test_vit model.img_size=28 data.dataset.image_size=28 trainer.accelerator=cpu data.num_workers=0)
