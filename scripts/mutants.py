@@ -423,6 +423,30 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # -- priors ---------------------------------------------------------------------------------------------------
     Mutant(
+        "estimator-screens-smallest-effects",
+        "src/caap/methods/caap_estimators.py",
+        "order = effects.abs().topk(min(count, n), dim=-1).indices",
+        "order = effects.abs().topk(min(count, n), dim=-1, largest=False).indices",
+        ("tests/test_caap_estimators.py",),
+        "screened / adaptive rerun the patches (windows) of smallest estimated effect",
+    ),
+    Mutant(
+        "estimator-adaptive-effect-not-spread",
+        "src/caap/methods/caap_estimators.py",
+        "base + (effects / size)[..., index]",
+        "base + effects[..., index]",
+        ("tests/test_caap_estimators.py",),
+        "adaptive gives every patch of a window the whole window's effect",
+    ),
+    Mutant(
+        "estimator-hold-increment-skipped",
+        "src/caap/methods/caap_estimators.py",
+        "increments[j] = dot(j, diff(j) - diff(j - 1))",
+        "increments[j] = dot(j, diff(j) - diff(j))",
+        ("tests/test_caap_estimators.py",),
+        "the gradient estimate of hold keeps only the injection term",
+    ),
+    Mutant(
         "gaussian-prior-off-centre",
         "src/caap/methods/gaussian_prior.py",
         "ys = torch.arange(gh, device=device, dtype=torch.float32) - (gh - 1) / 2",
