@@ -358,3 +358,16 @@ def test_layer_index_out_of_range_fails_before_any_data(compose_cfg, tmp_path) -
     cfg = compose_cfg("method=caap", "layers.start=9", "model.pretrained=false", f"data.root={tmp_path}")
     with pytest.raises(ValueError, match=r"layers\.start"):
         evaluate(cfg)  # data.root is empty: the layer error must come first
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("media_images=-1", "media_images must be"), ("report_images=-2", "report_images must be")],
+)
+def test_negative_image_counts_fail_before_any_map(compose_cfg, override: str, needle: str) -> None:
+    """A negative overlay / gallery count was taken silently as 0; it is refused, naming the option, before the
+    run folder holds a config."""
+    cfg = compose_cfg(*FAST, override, "logger=csv")
+    with pytest.raises(Exception, match=needle):  # Hydra wraps the callback's ValueError
+        evaluate(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()

@@ -281,6 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model: ViTClassifier = instantiate(cfg.model)
     method: AttributionMethod = instantiate(cfg.method)
     method.setup(model)  # e.g. a layer range the model does not have fails before any data is read
+    callbacks = build_callbacks(cfg.get("callbacks"))  # bad callback options fail before any map
     datamodule = build_datamodule(cfg, model)
     check_target(cfg.target, datamodule, cfg.data.name)
     check_images(datamodule)  # selects the readable images: no later stage meets an unreadable one
@@ -308,7 +309,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module = AttributionModule(model, method, metrics, target=cfg.target, run=info)
         module.stored_maps = stored
         trainer: L.Trainer = instantiate(
-            cfg.trainer, logger=loggers or False, callbacks=build_callbacks(cfg.get("callbacks")),
+            cfg.trainer, logger=loggers or False, callbacks=callbacks,
             default_root_dir=str(output_dir),
         )  # fmt: skip
         trainer.test(module, datamodule=datamodule, verbose=False)

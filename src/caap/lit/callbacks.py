@@ -215,6 +215,14 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def count_option(value: int, option: str) -> int:
+    """`value` if it is a whole number >= 0 (0 turns the output off); a ValueError naming `option` otherwise (a
+    negative count was taken silently as 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{option} must be a whole number >= 0 (0 turns it off); got {value!r}")
+    return value
+
+
 class SampleImages(L.Callback):
     """Writes the first `num_images` evaluated images (rank 0) to `folder/images.safetensors` and the ground
     truth of their (image, class) pairs to `folder/masks.safetensors`, for the gallery of reports.
@@ -228,7 +236,7 @@ class SampleImages(L.Callback):
     def __init__(self, folder: str | Path, num_images: int = 8) -> None:
         self.path = Path(folder) / "images.safetensors"
         self.masks_path = Path(folder) / "masks.safetensors"
-        self.num_images = num_images
+        self.num_images = count_option(num_images, "report_images")
         self.images: dict[str, Any] = {}
         self.masks: dict[str, Any] = {}
 
@@ -279,8 +287,8 @@ class WandbMedia(L.Callback):
     starts (`caap.loggers`)."""
 
     def __init__(self, num_images: int = 16, max_table_rows: int = 10_000) -> None:
-        self.num_images = num_images
-        self.max_table_rows = max_table_rows
+        self.num_images = count_option(num_images, "media_images")
+        self.max_table_rows = count_option(max_table_rows, "callbacks.wandb_media.max_table_rows")
         self.panels: list[tuple[Any, str]] = []
 
     def on_test_batch_end(
