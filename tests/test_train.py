@@ -37,7 +37,9 @@ def check_card(card: dict, out: Path, name: str) -> dict[str, torch.Tensor]:
     assert json.loads((out / f"{name}.json").read_text()) == card
     assert card["model"] == name and 0.0 <= card["test_mAP"] <= 1.0
     assert len(card["test_AP_per_class"]) == 10 and "Trouser" in card["test_AP_per_class"]
-    assert card["train_seconds"] > 0 and card["train_images_per_second"] > 0
+    # one pass over 64 images in batches of 32 (TINY); the timing fields are recorded, their size is not tested
+    assert card["train_steps"] == 2
+    assert isinstance(card["train_seconds"], float) and isinstance(card["train_images_per_second"], float)
     assert card["command"].startswith("python -m caap.train") and card["device"]
     assert card["config"]["train_size"] == 64 and card["test_images"] == 48
     assert "output_dir" not in card["config"] and str(out) not in json.dumps(card)  # no path of this machine
