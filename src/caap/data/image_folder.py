@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from caap.data.readable import RememberedReads
 from caap.data.transforms import INTERPOLATIONS, EvalTransform
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,8 @@ class ImageFolderDataset(Dataset):
         self.transform = EvalTransform(
             image_size, crop_pct, interpolation.lower() if interpolation else None, resize=resize_size
         )
-        self._readable: dict[int, bool] = {}  # index -> decoded; each unreadable file is logged once
+        # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBombError, ...): any is "unreadable"
+        self._reads = RememberedReads(self.open_rgb, self.describe, (Exception,), "image")
 
     # labels -------------------------------------------------------------------------------------------------
 
@@ -300,29 +302,19 @@ class ImageFolderDataset(Dataset):
         """The image file of sample `index`."""
         return str(self.root / self.paths[index])
 
+    def open_rgb(self, index: int) -> Image.Image:
+        """The RGB image of sample `index` (PIL's errors propagate)."""
+        with Image.open(self.root / self.paths[index]) as img:
+            return img.convert("RGB")
+
     def decode(self, index: int) -> Image.Image | None:
         """The RGB image of sample `index`, or None when PIL cannot decode it (a warning names the file the first
         time; the answer is remembered)."""
-        if self._readable.get(index) is False:
-            return None
-        path = self.root / self.paths[index]
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-        except (
-            Exception
-        ) as err:  # PIL raises many kinds (UnidentifiedImageError, OSError, DecompressionBomb...)
-            log.warning("Skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
-            self._readable[index] = False
-            return None
-        self._readable[index] = True
-        return rgb
+        return self._reads(index)
 
     def readable(self, index: int) -> bool:
         """Whether sample `index` decodes (decoded at the first ask, then remembered)."""
-        if index not in self._readable:
-            self.decode(index)
-        return self._readable[index]
+        return self._reads.readable(index)
 
     def load(self, index: int) -> Tensor | None:
         """The transformed image `[3, S, S]` float in [0, 1], or None when it cannot be read (see `decode`)."""

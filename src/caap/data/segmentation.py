@@ -19,7 +19,6 @@ map go through the same resize and centre crop (`EvalTransform`, the model's tim
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +31,8 @@ from torch.utils.data import Dataset
 from caap.batch import BACKGROUND, FOREGROUND, IGNORE
 from caap.data.image_folder import IMAGE_EXTENSIONS, data_path
 from caap.data.imagenet import imagenet_class_names, imagenet_wnids
+from caap.data.readable import RememberedReads
 from caap.data.transforms import EvalTransform
-
-log = logging.getLogger(__name__)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
@@ -62,7 +60,7 @@ class SegmentationDataset(Dataset):
     ) -> None:
         self.image_size = image_size
         self.transform = EvalTransform(image_size, crop_pct, interpolation)
-        self._readable: dict[int, bool] = {}  # index -> read; each unreadable sample is logged once
+        self._reads = RememberedReads(self.read, self.describe, (OSError, KeyError), "sample")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,24 +74,11 @@ class SegmentationDataset(Dataset):
     def read_or_none(self, index: int) -> tuple[Image.Image, Tensor, Tensor] | None:
         """`read(index)`, or None when a file of the sample cannot be read (a warning the first time; the answer
         is remembered)."""
-        if self._readable.get(index) is False:
-            return None
-        try:
-            sample = self.read(index)
-        except (OSError, KeyError) as err:
-            log.warning(
-                "Skipping unreadable sample %s: %s: %s", self.describe(index), type(err).__name__, err
-            )
-            self._readable[index] = False
-            return None
-        self._readable[index] = True
-        return sample
+        return self._reads(index)
 
     def readable(self, index: int) -> bool:
         """Whether sample `index` reads (read at the first ask, then remembered)."""
-        if index not in self._readable:
-            self.read_or_none(index)
-        return self._readable[index]
+        return self._reads.readable(index)
 
     def __getitem__(self, index: int) -> dict | None:
         if not -len(self) <= index < len(self):
