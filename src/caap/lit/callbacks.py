@@ -249,7 +249,8 @@ class SampleImages(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not outputs or trainer.global_rank != 0:
+        # an image's rows (one per class) share its batch: once full, later batches hold no kept image
+        if not outputs or trainer.global_rank != 0 or len(self.images) >= self.num_images:
             return
         attribution: AttributionBatch = outputs["batch"]
         kept = []
@@ -261,9 +262,10 @@ class SampleImages(L.Callback):
             if key in self.images:
                 kept.append((p, key))
         kind = "cell" if attribution.has_masks("cell") else "item"
-        truth = attribution.target_masks(kind) if kept and attribution.has_masks(kind) else None
-        for p, key in kept if truth is not None else []:
-            assert truth is not None
+        truth = attribution.target_masks(kind)  # None: data without masks
+        if truth is None:
+            return
+        for p, key in kept:
             mask = truth[p].detach().to(torch.uint8).cpu().contiguous()
             self.masks[f"{key}_{int(attribution.classes[p])}"] = mask
 
